@@ -1,0 +1,95 @@
+# b2t-bench: `make` (or `make help`) lists what is here.
+# The CLI behind these targets is main.py (design.md, "Contracts"); this file only strings it together.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+PY := .venv/bin/python
+LAUNCH ?= $(PY)
+ARGS ?=
+RUNS ?=
+SETUP_ARGS ?=
+
+# Real files that stand for "done", so work happens only when it is missing or out of date.
+STAMP := .venv/.b2t-setup-stamp
+SYNTH_DIR := data/synthetic
+SYNTH_REPORT := $(SYNTH_DIR)/synth_report.json
+COMPARE_OUT := results/comparison
+
+.PHONY: help setup test synth ctc-baseline gru-align llm-decoder compare clean distclean
+
+define HELP
+b2t-bench make targets
+
+  help          this text (the default)
+  setup         create .venv and install dependencies (bash setup.sh; SETUP_ARGS=--force reinstalls)
+  test          run the test suite: $(PY) -m pytest -q tests
+  synth         make the embedded synthetic dataset in $(SYNTH_DIR) (once; `make clean` removes it)
+  ctc-baseline  train + evaluate the CTC phoneme baseline   (configs/ctc_baseline/ctc_baseline.yml)
+  gru-align     train + evaluate the audio-aligned GRU      (configs/gru_align/gru_align.yml)
+  llm-decoder   train + evaluate the LLM-decoded variant    (configs/llm_decoder/llm_decoder.yml)
+  compare       compare finished runs into $(COMPARE_OUT)
+  clean         remove generated data ($(SYNTH_DIR)), .cache/, __pycache__, .pytest_cache
+                (keeps results/ and .venv)
+  distclean     clean, and remove .venv too
+
+Variables (make TARGET NAME=value)
+  PYTHON        interpreter that creates .venv            [$(PYTHON)]
+  LAUNCH        how a run starts                          [$(LAUNCH)]
+                e.g. LAUNCH=".venv/bin/torchrun --nproc_per_node=2"
+  ARGS          extra arguments for main.py run           [$(ARGS)]
+                e.g. ARGS="--set training_params.num_steps=100"
+  RUNS          run folders for compare                   [every finished run under results/]
+  SETUP_ARGS    arguments for setup.sh, e.g. --force      [$(SETUP_ARGS)]
+  TORCH_INDEX_URL  (environment) extra index for torch, e.g. a CUDA wheel index; see setup.sh
+endef
+export HELP
+
+help:
+	@echo "$$HELP"
+
+# `make setup` always asks setup.sh (which says "already set up" when nothing changed);
+# other targets depend on the stamp, so they set up only when it is missing or stale.
+setup:
+	PYTHON="$(PYTHON)" bash setup.sh $(SETUP_ARGS)
+
+$(STAMP): setup.sh requirements.txt constraints.txt
+	PYTHON="$(PYTHON)" bash setup.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+synth: $(SYNTH_REPORT)
+
+# Order-only on the stamp: reinstalling packages does not regenerate the data.
+$(SYNTH_REPORT): | $(STAMP)
+	$(PY) main.py synth --out $(SYNTH_DIR)
+
+# One run target per model: $(1) is the make target, $(2) the model folder and config name.
+# A model whose config does not exist yet says so instead of failing somewhere deeper.
+define MODEL_RUN
+ifneq ($$(wildcard configs/$(2)/$(2).yml),)
+$(1): $$(STAMP) $$(SYNTH_REPORT)
+	$$(LAUNCH) main.py run --config configs/$(2)/$(2).yml $$(ARGS)
+else
+$(1):
+	@echo "$(1): not available yet (see the open issue for $(2))" >&2; exit 2
+endif
+endef
+$(eval $(call MODEL_RUN,ctc-baseline,ctc_baseline))
+$(eval $(call MODEL_RUN,gru-align,gru_align))
+$(eval $(call MODEL_RUN,llm-decoder,llm_decoder))
+
+# Without RUNS, main.py compare takes every run under results/ and lists the unfinished ones.
+compare: $(STAMP)
+	$(PY) main.py compare $(RUNS) --out $(COMPARE_OUT)
+
+clean:
+	rm -rf $(SYNTH_DIR) .cache .pytest_cache
+	find . -path ./.venv -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf .venv

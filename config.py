@@ -1,0 +1,334 @@
+"""Experiment configuration: nested dataclasses, strict YAML loading, `--set` overrides.
+
+Every knob of a run lives here or in the params dataclass of the model constructor or preprocessor
+it names. `model_params` and each preprocessor's `params` are typed by the registered function's
+first parameter annotation, so they are validated as strictly as the rest:
+
+    @register_model_constructor()
+    def my_model(params: MyModelParams, ctx): ...
+
+Loading is strict: an unknown key or a value of the wrong type is a UserError that names the key path
+and the file, with a suggestion for typos. Why not dacite/pydantic: their errors name neither the
+file nor a "did you mean", and the model section's type is only known after reading the model name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from harness.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass
+class PreprocessorSpec:
+    """One entry of `data_params.preprocessors`: a registered preprocessor and its params."""
+
+    name: str
+    params: Any = field(default_factory=dict)
+
+
+@dataclass
+class DataParams:
+    data_dir: str = "data/synthetic"  # the folder holding the session folders (hdf5_data_final/)
+    sessions: list[str] | None = None  # None: every session folder found; the order fixes day indices
+    n_features: int = 512  # width of input_features; a file that differs is an error
+    preprocessors: list[PreprocessorSpec] = field(default_factory=list)  # applied in order, every batch
+    batch_size: int = 64
+    days_per_batch: int = 4  # sessions per training batch; trials drawn per session with replacement
+    eval_batch_size: int = 64  # evaluation: each session's trials in order, chunks of at most this
+    seed: int = 1  # data sampling seed
+    num_workers: int = 0  # DataLoader workers
+    preload: bool = True  # read every trial's features once at start (else read on demand)
+    short_trials: Literal["skip", "error"] = "skip"  # trials shorter than the model's minimum
+
+
+@dataclass
+class ParamGroupParams:
+    """Overrides for one optimizer parameter group; None keeps the training_params value."""
+
+    lr_max: float | None = None
+    lr_min: float | None = None
+    lr_warmup_steps: int | None = None
+    lr_decay_steps: int | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class TrainingParams:
+    num_steps: int = 1000  # training batches
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 10  # model init, dropout and augmentation seed
+    # AdamW
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # learning rate: linear warmup from 0, then cosine (or linear) to lr_min at lr_decay_steps, flat after
+    lr_max: float = 1e-3
+    lr_min: float = 1e-4
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int | None = None  # None: num_steps
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    param_groups: dict[str, ParamGroupParams] = field(default_factory=dict)  # model names the groups
+    grad_norm_clip: float | None = None
+    amp_bf16: bool = False  # bf16 autocast (CUDA only)
+    compile: bool = False  # torch.compile the model
+    # validation, checkpoints, logs
+    val_every: int = 200  # steps between validations (0: only at the end)
+    best_metric: str = "per"  # key of the model's validation metrics that picks the best checkpoint
+    best_mode: Literal["min", "max"] = "min"
+    early_stop_patience: int | None = None  # validations without improvement before stopping
+    checkpoint_every: int = 200  # steps between resumable checkpoints (0: never)
+    log_every: int = 20
+    progress_bar: bool = True
+
+
+@dataclass
+class EvaluationParams:
+    splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["val", "test"])
+    use_best_checkpoint: bool = True  # decode with the best validated weights, not the last
+    bootstrap_resamples: int = 10_000
+    bootstrap_seed: int = 0
+
+
+@dataclass
+class OutputParams:
+    results_dir: str = "results"  # runs without --out go to results_dir/<trial_name>_<time>
+    tensorboard: bool = True
+    keep_checkpoints: bool = True  # False: delete checkpoints/ once the run is DONE
+
+
+@dataclass
+class ExperimentConfig:
+    trial_name: str
+    model_constructor_name: str
+    config_setter_name: str | None = None
+    model_params: Any = field(default_factory=dict)
+    data_params: DataParams = field(default_factory=DataParams)
+    training_params: TrainingParams = field(default_factory=TrainingParams)
+    evaluation: EvaluationParams = field(default_factory=EvaluationParams)
+    output: OutputParams = field(default_factory=OutputParams)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict conversion from plain data (YAML) to dataclasses
+
+
+class _Where:
+    """Where a value came from, for error messages."""
+
+    def __init__(self, source: str, overridden: set[str] = frozenset()):
+        self.source = source
+        self.overridden = overridden
+
+    def error(self, path: str, problem: str) -> UserError:
+        if any(path == o or path.startswith((o + ".", o + "[")) for o in self.overridden):
+            return UserError(f"--set {path}: {problem}")
+        return UserError(f"{self.source}: {path}: {problem}")
+
+
+def from_data(cls, data: Any, where: _Where, path: str = ""):
+    """Build `cls` (a dataclass or a typing form) from plain data, strictly."""
+    origin = typing.get_origin(cls)
+    args = typing.get_args(cls)
+    if cls is Any:
+        return data
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return from_data(option, data, where, path)
+            except UserError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if data not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise where.error(path, f"{data!r} is not one of {choices}")
+        return data
+    if origin is list:
+        if not isinstance(data, list):
+            raise where.error(path, f"expected a list, got {_describe(data)}")
+        return [from_data(args[0], item, where, f"{path}[{i}]") for i, item in enumerate(data)]
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise where.error(path, f"expected a mapping, got {_describe(data)}")
+        return {str(k): from_data(args[1], v, where, _join(path, str(k))) for k, v in data.items()}
+    if dataclasses.is_dataclass(cls):
+        return _dataclass_from_data(cls, data, where, path)
+    return _scalar(cls, data, where, path)
+
+
+def _dataclass_from_data(cls, data, where, path):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise where.error(path or "(top level)", f"expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise where.error(_join(path, str(key)), f"unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = from_data(hints[name], data[name], where, _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise where.error(_join(path, name), "required key is missing")
+    return cls(**values)
+
+
+def _scalar(cls, data, where, path):
+    if cls is bool:
+        if isinstance(data, bool):
+            return data
+    elif cls is int:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return data
+    elif cls is float:
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return float(data)
+        if isinstance(data, str):  # PyYAML reads "1e-3" (no dot) as a string: accept it as a number
+            try:
+                return float(data)
+            except ValueError:
+                pass
+    elif cls is str:
+        if isinstance(data, str):
+            return data
+    else:
+        raise TypeError(f"config schema uses an unsupported type {cls!r} at {path}")
+    raise where.error(path, f"expected {cls.__name__}, got {_describe(data)}")
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def to_data(obj) -> Any:
+    """Dataclasses to plain YAML-safe data (inverse of from_data)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_data(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, typed sections
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{at}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
+    """Apply `a.b=VALUE` strings (VALUE parsed as YAML) to nested dict `data`; returns the paths."""
+    paths = set()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training_params.num_steps=100")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: VALUE is not valid YAML") from None
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+        paths.add(key.strip())
+    return paths
+
+
+def params_type(fn) -> type | None:
+    """The dataclass annotated on a registered function's first parameter, if any."""
+    parameters = list(inspect.signature(fn).parameters)
+    if not parameters:
+        return None
+    cls = typing.get_type_hints(fn).get(parameters[0])
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] = (), data: dict | None = None) -> ExperimentConfig:
+    """Read a YAML config (or a dict), apply `--set` overrides, validate everything, type the
+    model and preprocessor params by their registered functions."""
+    from registry import DATA_PREPROCESSORS, MODEL_CONSTRUCTORS, CONFIG_SETTERS
+
+    source = str(path) if path is not None else "config"
+    raw = read_yaml(Path(path)) if data is None else _deep_copy(data)
+    overridden = apply_overrides(raw, list(overrides))
+    where = _Where(source, overridden)
+    config = from_data(ExperimentConfig, raw, where)
+
+    constructor = _lookup(MODEL_CONSTRUCTORS, config.model_constructor_name, where, "model_constructor_name")
+    config.model_params = _typed(params_type(constructor), config.model_params, where, "model_params")
+    if config.config_setter_name is not None:
+        _lookup(CONFIG_SETTERS, config.config_setter_name, where, "config_setter_name")
+    for i, spec in enumerate(config.data_params.preprocessors):
+        fn = _lookup(DATA_PREPROCESSORS, spec.name, where, f"data_params.preprocessors[{i}].name")
+        spec.params = _typed(params_type(fn), spec.params, where, f"data_params.preprocessors[{i}].params")
+    return config
+
+
+def _lookup(registry, name, where, path):
+    try:
+        return registry.get(name)
+    except UserError as error:
+        raise where.error(path, str(error)) from None
+
+
+def _typed(cls, value, where, path):
+    if cls is None:
+        if value not in ({}, None):
+            raise where.error(path, "this function takes no params")
+        return {}
+    return from_data(cls, {} if value is None else value, where, path)
+
+
+def _deep_copy(data):
+    return yaml.safe_load(yaml.safe_dump(data))
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_data(config), sort_keys=False)

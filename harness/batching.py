@@ -1,0 +1,123 @@
+"""Batches as the reference makes them, and the Batch every model receives.
+
+Training: each batch draws `days_per_batch` sessions uniformly without replacement, then
+`batch_size // days_per_batch` trials per session with replacement (reference section 4). The draw
+for step s depends only on (seed, s), so resuming at step s gives the same batches without saving
+sampler state, and DataLoader workers never touch the sampling.
+Evaluation: each session's trials in order, in chunks of at most `eval_batch_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from harness.data import FeatureStore, Trial
+from harness.errors import UserError
+
+
+@dataclass
+class Batch:
+    """A padded batch. Models read what they need; preprocessors return an updated copy."""
+
+    features: torch.Tensor  # (B, T, C) float32, zero padded after each trial's length
+    lengths: torch.Tensor  # (B,) int64 valid time steps
+    day_indices: torch.Tensor  # (B,) int64 index into the run's session list
+    phoneme_ids: torch.Tensor | None  # (B, L) int64 zero padded; None when the split is unlabeled
+    phoneme_lengths: torch.Tensor | None  # (B,) int64
+    sentences: list[str | None]
+    trials: list[Trial]  # identity of each row (session, block, trial) for results
+
+    def to(self, device) -> "Batch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+
+class TrialDataset(Dataset):
+    """Index -> (trial, features). Collation into a Batch happens in `collate`."""
+
+    def __init__(self, trials: list[Trial], store: FeatureStore):
+        self.trials = trials
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+    def __getitem__(self, index: int):
+        return self.trials[index], self.store[index]
+
+
+def collate(items) -> Batch:
+    trials = [t for t, _ in items]
+    xs = [torch.from_numpy(np.ascontiguousarray(x)) for _, x in items]
+    lengths = torch.tensor([len(x) for x in xs], dtype=torch.int64)
+    features = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
+    labelled = [t.phoneme_ids is not None for t in trials]
+    phoneme_ids = phoneme_lengths = None
+    if all(labelled):
+        seqs = [torch.tensor(t.phoneme_ids, dtype=torch.int64) for t in trials]
+        phoneme_lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        phoneme_ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True) if seqs else None
+    return Batch(
+        features=features,
+        lengths=lengths,
+        day_indices=torch.tensor([t.day for t in trials], dtype=torch.int64),
+        phoneme_ids=phoneme_ids,
+        phoneme_lengths=phoneme_lengths,
+        sentences=[t.sentence for t in trials],
+        trials=trials,
+    )
+
+
+class TrainBatchSampler:
+    """Batch sampler yielding trial indices for steps [start_step, num_steps)."""
+
+    def __init__(self, trials: list[Trial], batch_size: int, days_per_batch: int, seed: int,
+                 num_steps: int, start_step: int = 0):
+        if not trials:
+            raise UserError("no training trials: the train split of the selected sessions is empty")
+        self.by_day: dict[int, np.ndarray] = {}
+        for i, t in enumerate(trials):
+            self.by_day.setdefault(t.day, []).append(i)
+        self.by_day = {d: np.asarray(ix) for d, ix in sorted(self.by_day.items())}
+        self.days = np.asarray(list(self.by_day))
+        self.days_per_batch = min(days_per_batch, len(self.days))
+        self.per_day = batch_size // self.days_per_batch
+        if self.per_day < 1:
+            raise UserError(f"batch_size {batch_size} is smaller than days_per_batch {days_per_batch}")
+        self.seed, self.num_steps, self.start_step = seed, num_steps, start_step
+
+    def batch_for_step(self, step: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, step])
+        days = rng.choice(self.days, size=self.days_per_batch, replace=False)
+        picks = [rng.choice(self.by_day[d], size=self.per_day, replace=True) for d in days]
+        return np.concatenate(picks).tolist()
+
+    def __iter__(self):
+        for step in range(self.start_step, self.num_steps):
+            yield self.batch_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps - self.start_step)
+
+
+def eval_batches(trials: list[Trial], eval_batch_size: int) -> list[list[int]]:
+    """Each session's trials in their order, in chunks of at most eval_batch_size."""
+    by_session: dict[int, list[int]] = {}
+    for i, t in enumerate(trials):
+        by_session.setdefault(t.day, []).append(i)
+    return [
+        ix[start : start + eval_batch_size]
+        for _, ix in sorted(by_session.items())
+        for start in range(0, len(ix), eval_batch_size)
+    ]

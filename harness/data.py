@@ -1,0 +1,236 @@
+"""Reader for the Brain-to-Text '25 HDF5 format (reference section 1), real or synthetic.
+
+`<data_dir>/<session>/data_{train,val,test}.hdf5`, one group per trial (`trial_0000`, ...), with
+`input_features` (T, 512), and, except in the unlabeled test split, `seq_class_ids` (zero padded,
+valid prefix `seq_len`), `transcription` and `sentence_label`. Any numeric dtype is accepted; string
+attributes may be `str` or `bytes`. Every malformed input is a UserError naming the file and trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from harness.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def split_file(session_dir: Path, split: str) -> Path:
+    return Path(session_dir) / f"data_{split}.hdf5"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial's identity, labels and where its features live (features are read separately)."""
+
+    split: str
+    session: str
+    day: int  # index of the session in the run's session list (the day layer it uses)
+    path: str
+    group: str
+    block_num: int
+    trial_num: int
+    n_time_steps: int
+    phoneme_ids: tuple[int, ...] | None  # valid prefix of seq_class_ids; None when unlabeled
+    sentence: str | None  # sentence_label; None when unlabeled
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.split, self.session, self.block_num, self.trial_num)
+
+
+def find_sessions(data_dir: Path | str) -> list[str]:
+    """Session folders (holding at least one data_*.hdf5) under data_dir, sorted by name."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir} (make it with `make synth`, or set data_params.data_dir)")
+    sessions = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and any(p.glob("data_*.hdf5")))
+    if not sessions:
+        raise UserError(
+            f"no session found in {data_dir}: expected <session>/data_train.hdf5 folders "
+            "(data_dir must be the folder holding the session folders, e.g. hdf5_data_final/)"
+        )
+    return sessions
+
+
+def read_trials(data_dir: Path | str, sessions: list[str], split: str, n_features: int,
+                day_index: dict[str, int] | None = None) -> list[Trial]:
+    """Every trial of `split` in the given sessions, in session then file order. Sessions without
+    the split's file are normal (4 real sessions have no val/test). A trial's day is its session's
+    position in `sessions`, or `day_index[session]` when given (a checkpoint's own session order)."""
+    data_dir = Path(data_dir)
+    trials = []
+    for position, session in enumerate(sessions):
+        day = position if day_index is None else day_index[session]
+        session_dir = data_dir / session
+        if not session_dir.is_dir():
+            raise UserError(f"session folder not found: {session_dir}")
+        path = split_file(session_dir, split)
+        if path.exists():
+            trials.extend(_read_file(path, split, session, day, n_features))
+    return trials
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise UserError(f"{path}: not a readable HDF5 file ({error})") from None
+
+
+def _read_file(path: Path, split: str, session: str, day: int, n_features: int) -> list[Trial]:
+    with _open(path) as f:
+        names = sorted(k for k in f.keys() if k.startswith("trial_"))
+        return [_read_trial(f[name], path, name, split, session, day, n_features) for name in names]
+
+
+def _read_trial(g, path: Path, name: str, split: str, session: str, day: int, n_features: int) -> Trial:
+    where = f"{path} {name}"
+    if not isinstance(g, h5py.Group) or "input_features" not in g:
+        raise UserError(f"{where}: trial has no input_features dataset")
+    shape = g["input_features"].shape
+    if len(shape) != 2 or shape[1] != n_features:
+        raise UserError(
+            f"{where}: input_features has shape {shape}, expected (T, {n_features}) "
+            f"(set data_params.n_features if your data is {shape[-1]} wide)"
+        )
+    n_time_steps = int(g.attrs.get("n_time_steps", shape[0]))
+    if n_time_steps > shape[0] or n_time_steps < 0:
+        raise UserError(f"{where}: n_time_steps {n_time_steps} does not fit input_features with {shape[0]} rows")
+    stored_session = _text(g.attrs.get("session", session))
+    if stored_session != session:
+        log.warning("%s: session attribute %r differs from its folder %r; the folder is used", where, stored_session, session)
+    return Trial(
+        split=split,
+        session=session,
+        day=day,
+        path=str(path),
+        group=name,
+        block_num=int(g.attrs.get("block_num", -1)),
+        trial_num=int(g.attrs.get("trial_num", int(name.split("_")[-1]))),
+        n_time_steps=n_time_steps,
+        phoneme_ids=_phoneme_ids(g, where),
+        sentence=_sentence(g),
+    )
+
+
+def _phoneme_ids(g, where: str) -> tuple[int, ...] | None:
+    if "seq_class_ids" not in g:
+        return None
+    ids = np.asarray(g["seq_class_ids"][()]).astype(np.int64).reshape(-1)
+    seq_len = g.attrs.get("seq_len")
+    if seq_len is None:  # no length stored: the valid prefix ends at the zero padding
+        seq_len = int(np.argmax(ids == 0)) if (ids == 0).any() else len(ids)
+    seq_len = int(seq_len)
+    if seq_len > len(ids) or seq_len < 0:
+        raise UserError(f"{where}: seq_len {seq_len} is longer than the {len(ids)} stored seq_class_ids")
+    return tuple(int(i) for i in ids[:seq_len])
+
+
+def _sentence(g) -> str | None:
+    if "sentence_label" in g.attrs:
+        return _text(g.attrs["sentence_label"])
+    if "transcription" in g:  # character codes, zero padded
+        codes = np.asarray(g["transcription"][()]).astype(np.int64).reshape(-1)
+        return "".join(chr(c) for c in codes if c > 0)
+    return None
+
+
+def _text(value) -> str:
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size else ""
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+def load_features(trial: Trial, file: h5py.File | None = None) -> np.ndarray:
+    """The trial's valid (n_time_steps, C) features as float32; NaN or Inf is a UserError."""
+    if file is None:
+        with _open(Path(trial.path)) as f:
+            return load_features(trial, f)
+    x = np.asarray(file[trial.group]["input_features"][: trial.n_time_steps], dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).argmax())
+        raise UserError(f"{trial.path} {trial.group}: input_features holds NaN or Inf (first at time bin {bad})")
+    return x
+
+
+class FeatureStore:
+    """Gives features by trial index: all read once at start (preload) or read on demand.
+
+    On-demand reading keeps one open file per path and per process (h5py handles must not cross a
+    fork, so a DataLoader worker opens its own)."""
+
+    def __init__(self, trials: list[Trial], preload: bool):
+        self.trials = trials
+        self._files: dict[str, h5py.File] = {}
+        self._pid = None
+        self._cache: list[np.ndarray] | None = None
+        if preload:
+            self._cache = [self._read(t) for t in trials]
+            self.close()
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self._cache is not None:
+            return self._cache[index]
+        return self._read(self.trials[index])
+
+    def _read(self, trial: Trial) -> np.ndarray:
+        if self._pid != os.getpid():  # a forked worker: drop the parent's handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(trial.path)
+        if f is None:
+            f = self._files[trial.path] = _open(Path(trial.path))
+        return load_features(trial, f)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self):  # picklable for spawned workers: handles are reopened there
+        state = dict(self.__dict__)
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def content_hash(self) -> str | None:
+        """Hash of every feature array (only when preloaded: hashing on demand would read it all)."""
+        if self._cache is None:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        for x in self._cache:
+            h.update(np.ascontiguousarray(x).tobytes())
+        return h.hexdigest()
+
+
+def fingerprint(trials_by_split: dict[str, list[Trial]], stores: dict[str, FeatureStore]) -> dict:
+    """What data a run read: sessions, splits, a hash of the trial keys and labels, and a content
+    hash that adds the features (only when they were preloaded)."""
+    keys = hashlib.blake2b(digest_size=16)
+    for split in sorted(trials_by_split):
+        for t in trials_by_split[split]:
+            keys.update(repr((t.key, t.n_time_steps, t.phoneme_ids, t.sentence)).encode())
+    content = keys.copy()
+    feature_hashes = [stores[s].content_hash() for s in sorted(stores)]
+    for value in feature_hashes:
+        content.update(str(value).encode())
+    hashed = all(v is not None for v in feature_hashes)
+    return {
+        "sessions": sorted({t.session for ts in trials_by_split.values() for t in ts}),
+        "n_trials": {s: len(ts) for s, ts in trials_by_split.items()},
+        "keys_hash": keys.hexdigest(),
+        "content_hash": content.hexdigest() if hashed else None,
+    }

@@ -1,0 +1,74 @@
+"""Decode a split into per-trial rows and metrics (results contract of design.md)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.data import DataLoader
+
+from harness.batching import TrialDataset, collate, eval_batches
+from harness.data import FeatureStore, Trial
+from harness.metrics import split_metrics, trial_error_columns
+from harness.phonemes import ids_to_text
+
+PREDICTION_KEYS = ("predicted_text", "predicted_phonemes")
+
+
+def apply_preprocessors(batch, preprocessors, training: bool):
+    for preprocess in preprocessors:
+        batch = preprocess(batch, training)
+    return batch
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, preprocessors, *,
+                   device: torch.device, eval_batch_size: int, num_workers: int = 0, amp: bool = False,
+                   bootstrap_resamples: int = 10_000, bootstrap_seed: int = 0, with_loss: bool = False):
+    """Returns (rows, metrics, mean_loss). Rows follow the per_trial.csv contract plus the model's
+    own columns; the mean loss is over labelled batches (None if not asked or unlabeled)."""
+    was_training = model.training
+    model.eval()
+    model.prepare_split(split, trials)
+    loader = DataLoader(TrialDataset(trials, store), batch_sampler=eval_batches(trials, eval_batch_size),
+                        collate_fn=collate, num_workers=num_workers)
+    rows, loss_sum, loss_n = [], 0.0, 0
+    for batch in loader:
+        batch = apply_preprocessors(batch.to(device), preprocessors, training=False)
+        with autocast(device, amp):
+            if with_loss and batch.phoneme_ids is not None:
+                loss_sum += float(model.loss(batch)["loss"]) * len(batch)
+                loss_n += len(batch)
+            predictions = model.decode(batch)
+        if len(predictions) != len(batch):
+            raise RuntimeError(f"{type(model).__name__}.decode returned {len(predictions)} rows for {len(batch)} trials")
+        rows.extend(trial_row(t, p) for t, p in zip(batch.trials, predictions))
+    model.train(was_training)
+    metrics = split_metrics(rows, n_resamples=bootstrap_resamples, seed=bootstrap_seed)
+    metrics.update(model.split_metrics(split, rows))
+    return rows, metrics, (loss_sum / loss_n if loss_n else None)
+
+
+def trial_row(trial: Trial, prediction: dict) -> dict:
+    reference_phonemes = ids_to_text(trial.phoneme_ids) if trial.phoneme_ids is not None else None
+    predicted_text = prediction.get("predicted_text")
+    predicted_phonemes = prediction.get("predicted_phonemes")
+    row = {
+        "split": trial.split,
+        "session": trial.session,
+        "block_num": trial.block_num,
+        "trial_num": trial.trial_num,
+        "reference_text": trial.sentence,
+        "predicted_text": predicted_text,
+        "reference_phonemes": reference_phonemes,
+        "predicted_phonemes": predicted_phonemes,
+    }
+    row.update(trial_error_columns(trial.sentence, predicted_text, reference_phonemes, predicted_phonemes))
+    row.update({k: v for k, v in prediction.items() if k not in PREDICTION_KEYS})
+    return row

@@ -1,0 +1,55 @@
+"""Find and import model folders so that their decorators fill the registries.
+
+A model folder is any top-level folder of the repository that holds an `__init__.py`, other than the
+harness's own packages. Extra plugin modules (a folder elsewhere, or a test plugin) are named in the
+environment variable `B2T_PLUGINS` (comma separated import names). An import error in a plugin is
+never swallowed: it stops the program with the folder's name and the error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOT_PLUGINS = {"harness", "tests", "configs", "results", "benchmarks", "data"}
+
+
+class PluginImportError(Exception):
+    """A plugin folder failed to import; carries the folder name and the original error."""
+
+    def __init__(self, plugin: str, error: BaseException):
+        self.plugin = plugin
+        super().__init__(f"model folder '{plugin}' failed to import: {type(error).__name__}: {error}")
+
+
+def plugin_names(root: Path = REPO_ROOT) -> list[str]:
+    found = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and (p / "__init__.py").is_file() and p.name not in NOT_PLUGINS and not p.name.startswith(".")
+    )
+    extra = [m.strip() for m in os.environ.get("B2T_PLUGINS", "").split(",") if m.strip()]
+    return found + [m for m in extra if m not in found]
+
+
+_loaded = False
+
+
+def load_plugins(root: Path = REPO_ROOT) -> list[str]:
+    """Import every plugin once; returns their names. Raises PluginImportError on the first failure."""
+    global _loaded
+    names = plugin_names(root)
+    if _loaded:
+        return names
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # re-raised with the folder's name, original chained
+            raise PluginImportError(name, error) from error
+    _loaded = True
+    return names

@@ -1,0 +1,295 @@
+"""One run, end to end, and the evaluation of a saved checkpoint.
+
+config (+ --set) -> config setter -> data -> preprocessors -> model -> training -> decoding of the
+evaluation splits -> per-trial rows -> metrics -> run folder, `DONE` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from config import ExperimentConfig, dump_config, load_config, to_data
+from harness import results
+from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, read_trials
+from harness.errors import UserError
+from harness.evaluation import evaluate_split
+from harness.model_api import BuildContext, DataSummary, DecoderModel
+from harness.plugins import REPO_ROOT, load_plugins
+from harness.train import load_checkpoint, train
+from registry import CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS
+
+log = logging.getLogger("b2t")
+CACHE_DIR = REPO_ROOT / ".cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks shared by `run` and `evaluate`
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"training_params.device is {name!r} but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_preprocessors(config: ExperimentConfig) -> list:
+    return [DATA_PREPROCESSORS.get(spec.name)(spec.params) for spec in config.data_params.preprocessors]
+
+
+def output_width(preprocessors, n_features: int) -> int:
+    """Feature width the model sees: preprocessors that change it say so via output_features()."""
+    for preprocess in preprocessors:
+        if hasattr(preprocess, "output_features"):
+            n_features = preprocess.output_features(n_features)
+    return n_features
+
+
+def read_splits(config: ExperimentConfig, splits, day_index: dict[str, int] | None = None) -> dict:
+    dp = config.data_params
+    return {s: read_trials(dp.data_dir, dp.sessions, s, dp.n_features, day_index) for s in splits}
+
+
+def drop_short_trials(trials: dict, min_steps: int, policy: str) -> tuple[dict, dict]:
+    """Trials the model cannot process (e.g. shorter than one patch): skipped and counted, or refused.
+    Returns the kept trials and the number skipped per split."""
+    kept, skipped = {}, {}
+    for split, ts in trials.items():
+        short = [t for t in ts if t.n_time_steps < min_steps]
+        if short and policy == "error":
+            t = short[0]
+            raise UserError(f"{t.path} {t.group}: {t.n_time_steps} time steps, fewer than the model's minimum "
+                            f"{min_steps} ({len(short)} such trials in {split}; set data_params.short_trials: skip)")
+        kept[split] = [t for t in ts if t.n_time_steps >= min_steps]
+        skipped[split] = len(short)
+    return kept, skipped
+
+
+def log_skipped(skipped: dict, min_steps: int) -> None:
+    for split, n in skipped.items():
+        if n:
+            log.warning("skipped %d %s trials shorter than the model's minimum of %d time steps", n, split, min_steps)
+
+
+def build_model(config: ExperimentConfig, sessions, trials, device) -> DecoderModel:
+    constructor = MODEL_CONSTRUCTORS.get(config.model_constructor_name)
+    ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=str(CACHE_DIR))
+    model = constructor(config.model_params, ctx)
+    if not isinstance(model, DecoderModel):
+        raise TypeError(f"model constructor '{config.model_constructor_name}' returned {type(model).__name__}, "
+                        "not a harness.model_api.DecoderModel")
+    return model.to(device)
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path):
+    """Log to the console (through tqdm, so the progress bar stays intact) and to run_dir/run.log."""
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
+
+
+def decode_splits(model, config, trials, stores, preprocessors, device) -> tuple[list, dict]:
+    rows, metrics = [], {}
+    for split in config.evaluation.splits:
+        if not trials.get(split):
+            log.info("no %s trials to decode", split)
+            continue
+        split_rows, split_metrics, _ = evaluate_split(
+            model, split, trials[split], stores[split], preprocessors, device=device,
+            eval_batch_size=config.data_params.eval_batch_size, amp=config.training_params.amp_bf16,
+            bootstrap_resamples=config.evaluation.bootstrap_resamples, bootstrap_seed=config.evaluation.bootstrap_seed)
+        rows += split_rows
+        metrics[split] = split_metrics
+        log.info("%s: %s", split, _summary(split_metrics))
+    return rows, metrics
+
+
+def _summary(metrics: dict) -> str:
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
+def write_run_outputs(run_dir: Path, rows, metrics, meta) -> None:
+    results.write_rows_csv(run_dir / "per_trial.csv", rows)
+    results.write_json(run_dir / "metrics.json", metrics)
+    results.write_json(run_dir / "meta.json", results.finish_meta(meta))
+    results.mark_done(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# `run`
+
+
+def run(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool) -> Path:
+    load_plugins()
+    if resume and out is None:
+        raise UserError("--resume needs --out RUN_DIR (the run folder to continue)")
+    if out is not None and resume and results.is_finished(out):
+        log.warning("%s is already finished (DONE): nothing to do", out)
+        return Path(out)
+    if out is not None:
+        results.check_out_dir(out, resume, overwrite)
+    if config_path is not None:
+        config = load_config(config_path, overrides)
+    elif resume and (Path(out) / "config.yaml").is_file():
+        config = load_config(Path(out) / "config.yaml", overrides)
+    else:
+        raise UserError("run needs --config FILE")
+    dp = config.data_params
+    dp.sessions = dp.sessions or find_sessions(dp.data_dir)
+    needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
+    trials = read_splits(config, [s for s in SPLITS if s in needed])
+    preprocessors = build_preprocessors(config)
+    if config.config_setter_name:
+        summary = DataSummary(sessions=list(dp.sessions), trials=trials, n_features=output_width(preprocessors, dp.n_features))
+        CONFIG_SETTERS.get(config.config_setter_name)(config, summary)
+
+    # Everything that can fail on bad input happens before the run folder exists.
+    device = pick_device(config.training_params.device)
+    seed_everything(config.training_params.seed)
+    model = build_model(config, list(dp.sessions), trials, device)
+    trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
+    stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
+    meta = results.base_meta(str(device))
+    meta["data_fingerprint"] = fingerprint(trials, stores)
+
+    run_dir = results.prepare_out_dir(out, resume, overwrite) if out else results.new_run_dir(config.output.results_dir, config.trial_name)
+    with run_logging(run_dir):
+        log.info("run folder: %s", run_dir)
+        resolved = dump_config(config)
+        saved = run_dir / "config.yaml"
+        if resume and saved.is_file() and saved.read_text() != resolved:
+            raise UserError(f"{saved} differs from the config given now: resume with the run's own config "
+                            f"(omit --config and --set) or start a new run")
+        results.atomic_write_text(saved, resolved)
+        log_skipped(skipped, model.min_time_steps)
+        log.info("model %s: %d trainable parameters; trials %s", config.model_constructor_name,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad), {s: len(t) for s, t in trials.items()})
+
+        state = None
+        if config.training_params.num_steps > 0:
+            state = train(model, config, trials, stores, preprocessors, device, run_dir, resume=resume)
+        best = run_dir / "checkpoints" / "best.pt"
+        if config.evaluation.use_best_checkpoint and best.is_file():
+            model.load_state_dict(load_checkpoint(best)["model"])
+            log.info("decoding with the best checkpoint (step %s)", state.best_step if state else "?")
+        rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
+        metrics["run"] = {
+            "trial_name": config.trial_name,
+            "model": config.model_constructor_name,
+            "steps": state.step if state else 0,
+            "best_step": state.best_step if state else None,
+            "validation_history": state.history if state else [],
+        }
+        meta["n_steps"] = state.step if state else 0
+        write_run_outputs(run_dir, rows, metrics, meta)
+        if not config.output.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        log.info("finished: %s", run_dir)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# `evaluate`
+
+
+def checkpoint_file(path: Path) -> Path:
+    """A run folder (its best, else last checkpoint) or a checkpoint file."""
+    if path.is_file():
+        return path
+    for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    if (path / "checkpoint" / "args.yaml").is_file():
+        raise UserError(f"{path} is a reference baseline checkpoint folder: loading those comes with the "
+                        "ctc_baseline model folder")
+    raise UserError(f"no checkpoint found at {path}: give a run folder (with checkpoints/best.pt) or a .pt file")
+
+
+def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle_csv: str | None,
+             overwrite: bool = False) -> Path:
+    load_plugins()
+    if out is not None:
+        results.check_out_dir(out, False, overwrite)
+    path = checkpoint_file(Path(checkpoint))
+    payload = load_checkpoint(path)
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise UserError(f"{path} is not a b2t-bench checkpoint (no config/model inside)")
+    config = load_config(data=payload["config"])
+    known = list(config.data_params.sessions)
+    config.data_params.data_dir = data_dir
+    present = find_sessions(data_dir)
+    unknown = [s for s in present if s not in known]
+    if unknown:
+        raise UserError(f"{data_dir} holds sessions the checkpoint was not trained on: {', '.join(unknown)} "
+                        f"(it knows {len(known)} sessions: {known[0]} ... {known[-1]})")
+    config.data_params.sessions = present
+    config.evaluation.splits = [split]
+    day_index = {s: known.index(s) for s in present}
+    run_dir = results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
+        config.output.results_dir, f"{config.trial_name}-eval-{split}")
+    with run_logging(run_dir):
+        results.atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        device = pick_device(config.training_params.device)
+        config_known = _with_sessions(config, known)
+        model = build_model(config_known, known, {}, device)
+        model.load_state_dict(payload["model"])
+        trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
+                                            config.data_params.short_trials)
+        log_skipped(skipped, model.min_time_steps)
+        stores = {split: FeatureStore(trials[split], config.data_params.preload)}
+        meta = results.base_meta(str(device))
+        meta["data_fingerprint"] = fingerprint(trials, stores)
+        meta["checkpoint"] = str(path)
+        preprocessors = build_preprocessors(config)
+        rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
+        metrics["run"] = {"trial_name": config.trial_name, "model": config.model_constructor_name, "checkpoint": str(path)}
+        if kaggle_csv:
+            write_kaggle_csv(Path(kaggle_csv), rows)
+        write_run_outputs(run_dir, rows, metrics, meta)
+    return run_dir
+
+
+def _with_sessions(config: ExperimentConfig, sessions: list[str]) -> ExperimentConfig:
+    copy = load_config(data=to_data(config))
+    copy.data_params.sessions = sessions
+    return copy
+
+
+def write_kaggle_csv(path: Path, rows: list[dict]) -> None:
+    """id,text with ids 0..N-1 in session order then trial order (the order rows are decoded in)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "text"])
+    for i, row in enumerate(rows):
+        writer.writerow([i, row.get("predicted_text") or ""])
+    results.atomic_write_text(path, buffer.getvalue())

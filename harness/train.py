@@ -1,0 +1,282 @@
+"""The training loop: one readable file, every knob in `TrainingParams`.
+
+AdamW over the parameter groups the model names, a per-group LambdaLR (linear warmup, then cosine
+or linear decay to lr_min, flat after), gradient-norm clipping, optional bf16 autocast and
+torch.compile, validation every `val_every` steps with the best checkpoint kept, resumable
+checkpoints every `checkpoint_every` steps, TensorBoard scalars, a progress bar, optional early stop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import to_data
+from harness.batching import TrainBatchSampler, TrialDataset, collate
+from harness.evaluation import apply_preprocessors, autocast, evaluate_split
+from harness.results import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "b2t-bench-checkpoint-v1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def lr_lambda(lr_max: float, lr_min: float, warmup: int, decay: int, kind: str):
+    """Multiplier of lr_max at a step: warmup 0 -> 1 over `warmup` steps, then down to lr_min/lr_max
+    at step `decay`, flat after (the reference's cosine schedule; linear and constant as options)."""
+    ratio = lr_min / lr_max if lr_max > 0 else 1.0
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, decay - warmup))
+        if kind == "linear":
+            return max(ratio, 1.0 - (1.0 - ratio) * progress)
+        return max(ratio, ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return multiplier
+
+
+def build_optimizer(model, tp):
+    """AdamW with one group per name the model gives its parameters; groups take their settings from
+    training_params.param_groups.<name>, falling back to the training_params values."""
+    grouped: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            grouped.setdefault(model.param_group(name), []).append(param)
+    unknown = set(tp.param_groups) - set(grouped)
+    if unknown:
+        log.warning("training_params.param_groups names groups the model does not use: %s", sorted(unknown))
+    groups, lambdas = [], []
+    for group_name, params in grouped.items():
+        o = tp.param_groups.get(group_name)
+        pick = lambda key: getattr(o, key) if o is not None and getattr(o, key) is not None else getattr(tp, key)  # noqa: E731
+        lr_max, decay = pick("lr_max"), pick("lr_decay_steps") or tp.num_steps
+        groups.append({"params": params, "lr": lr_max, "weight_decay": pick("weight_decay"), "name": group_name})
+        lambdas.append(lr_lambda(lr_max, pick("lr_min"), pick("lr_warmup_steps"), decay, tp.lr_scheduler))
+    optimizer = torch.optim.AdamW(groups, betas=tuple(tp.betas), eps=tp.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    return optimizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]  # plain data: weights_only loads it
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic: a kill during the write leaves the previous checkpoint intact."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_value: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    validations_without_improvement: int = 0
+    history: list = field(default_factory=list)  # one dict per validation
+
+
+def is_better(value, loss, state: TrainState, mode: str) -> bool:
+    """Better metric wins; on a tie the lower validation loss wins (reference: PER, then loss)."""
+    if value is None:
+        return False
+    if state.best_value is None:
+        return True
+    if value != state.best_value:
+        return value < state.best_value if mode == "min" else value > state.best_value
+    return loss is not None and (state.best_loss is None or loss < state.best_loss)
+
+
+def train(model, config, trials: dict, stores: dict, preprocessors, device: torch.device, run_dir: Path,
+          resume: bool = False) -> TrainState:
+    """Train `model` in place; leaves checkpoints/{last,best}.pt in run_dir and returns the state."""
+    tp, dp = config.training_params, config.data_params
+    ckpt_dir = run_dir / "checkpoints"
+    optimizer, scheduler = build_optimizer(model, tp)
+    state = TrainState()
+    last = ckpt_dir / "last.pt"
+    if resume and last.is_file():
+        saved = load_checkpoint(last)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["train_state"])
+        set_rng_state(saved["rng"])
+        log.info("resumed from %s at step %d", last, state.step)
+    elif resume:
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
+
+    config_data = to_data(config)
+
+    def checkpoint_payload() -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_data,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "train_state": vars(state),
+            "rng": rng_state(),
+        }
+
+    if tp.compile:
+        model.compile()  # in place: forward is compiled, so loss()/decode() that call self(...) use it
+    writer = _tensorboard(run_dir, config)
+    sampler = TrainBatchSampler(trials["train"], dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, state.step)
+    loader = DataLoader(TrialDataset(trials["train"], stores["train"]), batch_sampler=sampler,
+                        collate_fn=collate, num_workers=dp.num_workers, pin_memory=device.type == "cuda")
+    has_val = bool(trials.get("val"))
+    bar = tqdm(total=tp.num_steps, initial=state.step, disable=not tp.progress_bar, dynamic_ncols=True, desc="train")
+    model.train()
+    started, losses = time.monotonic(), {}
+    for batch in loader:
+        batch = apply_preprocessors(batch.to(device), preprocessors, training=True)
+        with autocast(device, tp.amp_bf16):
+            parts = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        grad_norm = _clip(model, tp.grad_norm_clip)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        for key, value in parts.items():
+            losses.setdefault(key, []).append(float(value.detach()))
+        bar.update(1)
+
+        if state.step % tp.log_every == 0 or state.step == tp.num_steps:
+            means = {k: float(np.mean(v)) for k, v in losses.items()}
+            losses = {}
+            for key, value in means.items():
+                writer.add_scalar(f"train/{key}", value, state.step)
+            writer.add_scalar("train/grad_norm", grad_norm, state.step)
+            for group in optimizer.param_groups:
+                writer.add_scalar(f"lr/{group['name']}", group["lr"], state.step)
+            bar.set_postfix(loss=f"{means['loss']:.3f}", **_best_postfix(state, tp))
+            log.info("step %d loss %.4f grad_norm %.3f %.1f steps/s", state.step, means["loss"], grad_norm,
+                     state.step / max(1e-9, time.monotonic() - started))
+
+        stop = False
+        if has_val and ((tp.val_every and state.step % tp.val_every == 0) or state.step == tp.num_steps):
+            stop = _validate(model, config, trials, stores, preprocessors, device, state, writer, ckpt_dir,
+                             checkpoint_payload)
+            bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}", **_best_postfix(state, tp))
+        if (tp.checkpoint_every and state.step % tp.checkpoint_every == 0) or state.step == tp.num_steps or stop:
+            save_checkpoint(last, checkpoint_payload())
+        if stop:
+            log.info("early stop at step %d: %d validations without improvement", state.step,
+                     state.validations_without_improvement)
+            break
+    bar.close()
+    writer.close()
+    return state
+
+
+def _clip(model, max_norm) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def _validate(model, config, trials, stores, preprocessors, device, state, writer, ckpt_dir, payload) -> bool:
+    """Validate, log, keep the best checkpoint; returns True when early stopping triggers."""
+    tp, dp, ev = config.training_params, config.data_params, config.evaluation
+    _, metrics, loss = evaluate_split(
+        model, "val", trials["val"], stores["val"], preprocessors, device=device,
+        eval_batch_size=dp.eval_batch_size, amp=tp.amp_bf16, bootstrap_resamples=0,
+        bootstrap_seed=ev.bootstrap_seed, with_loss=True)
+    value = metrics.get(tp.best_metric)
+    record = {"step": state.step, "loss": loss, tp.best_metric: value}
+    state.history.append(record)
+    if loss is not None:
+        writer.add_scalar("val/loss", loss, state.step)
+    for key, metric in metrics.items():
+        if isinstance(metric, (int, float)) and not isinstance(metric, bool):
+            writer.add_scalar(f"val/{key}", metric, state.step)
+    for session, sm in (metrics.get("by_session") or {}).items():
+        for key, metric in sm.items():
+            if isinstance(metric, (int, float)) and not isinstance(metric, bool):
+                writer.add_scalar(f"val_by_session/{key}/{session}", metric, state.step)
+    if value is None:
+        raise RuntimeError(f"training_params.best_metric '{tp.best_metric}' is not among the validation metrics "
+                           f"({', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))})")
+    if is_better(value, loss, state, tp.best_mode):
+        state.best_value, state.best_loss, state.best_step = value, loss, state.step
+        state.validations_without_improvement = 0
+        save_checkpoint(ckpt_dir / "best.pt", payload())
+    else:
+        state.validations_without_improvement += 1
+    log.info("validation at step %d: %s %.4f, loss %s (best %.4f at step %d)", state.step, tp.best_metric, value,
+             f"{loss:.4f}" if loss is not None else "n/a", state.best_value, state.best_step)
+    return bool(tp.early_stop_patience) and state.validations_without_improvement >= tp.early_stop_patience
+
+
+def _best_postfix(state: TrainState, tp) -> dict:
+    return {f"best_{tp.best_metric}": f"{state.best_value:.3f}"} if state.best_value is not None else {}
+
+
+def _tensorboard(run_dir: Path, config):
+    if config.output.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(run_dir / "tensorboard"))
+    return _NoWriter()
+
+
+class _NoWriter:
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass

@@ -1,0 +1,129 @@
+"""b2t-bench command line: run | evaluate | compare | synth | list.
+
+Thin: parses arguments, then calls the harness. A user mistake ends with one line on stderr and
+exit status 2; a model folder that fails to import shows its traceback and its name, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from harness.errors import UserError
+from harness.plugins import PluginImportError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="main.py", description="b2t-bench: train, evaluate and compare brain-to-text decoders.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="train a model from a config, decode val/test, write a run folder",
+                              description="Train a model from a YAML config, decode the evaluation splits and write a run folder.")
+    run.add_argument("--config", help="YAML config, e.g. configs/ctc_baseline/tiny.yml (optional with --resume)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config value (VALUE parsed as YAML); repeatable")
+    run.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new folder under results/ named after the trial)")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+
+    ev = commands.add_parser("evaluate", help="decode a split with a saved checkpoint",
+                             description="Decode one split of a dataset with a saved checkpoint and write a run folder.")
+    ev.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint .pt file, or a reference baseline folder")
+    ev.add_argument("--data-dir", required=True, help="the folder holding the session folders (hdf5_data_final/)")
+    ev.add_argument("--split", required=True, choices=["train", "val", "test"])
+    ev.add_argument("--out", metavar="RUN_DIR", help="output run folder (default: new folder under results/)")
+    ev.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    ev.add_argument("--kaggle-csv", metavar="FILE", help="also write id,text predictions in the Kaggle order")
+
+    cmp = commands.add_parser("compare", help="compare finished runs side by side",
+                              description="Compare finished run folders trial by trial.")
+    cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (default: every run under results/)")
+    cmp.add_argument("--out", default="results/comparison", help="where comparison.md and comparison.csv go")
+    cmp.add_argument("--results-dir", default="results", help="where to look for runs when none are given")
+    cmp.add_argument("--force", action="store_true", help="compare runs even if their data fingerprints differ")
+
+    syn = commands.add_parser("synth", help="write a synthetic dataset in the Brain-to-Text '25 format",
+                              description="Write a synthetic dataset in the exact Brain-to-Text '25 HDF5 format.")
+    syn.add_argument("--out", required=True, help="folder to hold the session folders")
+    syn.add_argument("--sessions", type=int, help="number of sessions")
+    syn.add_argument("--trials", type=int, help="trials per session, all splits together")
+    syn.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
+    syn.add_argument("--corpus", help="text file, one sentence per line, replacing the built-in sentences")
+
+    commands.add_parser("list", help="print every registered name", description="Print every name of every registry.")
+    return parser.parse_args(argv)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from harness.runner import run
+
+        run(args.config, args.overrides, args.out, args.resume, args.overwrite)
+    elif args.command == "evaluate":
+        from harness.runner import evaluate
+
+        evaluate(args.checkpoint, args.data_dir, args.split, args.out, args.kaggle_csv, args.overwrite)
+    elif args.command == "compare":
+        from harness.compare import compare
+
+        compare(args.runs, args.out, args.results_dir, args.force)
+    elif args.command == "synth":
+        from harness.synthetic import write_synthetic_dataset
+
+        given = {"n_sessions": args.sessions, "trials_per_session": args.trials, "seed": args.seed, "corpus_path": args.corpus}
+        report = write_synthetic_dataset(args.out, **{k: v for k, v in given.items() if v is not None})
+        print(f"wrote {args.out}: {synth_summary(report)}")
+    elif args.command == "list":
+        print_registries()
+    return 0
+
+
+def synth_summary(report: dict) -> str:
+    trials = report.get("trials", [])
+    by_split = {}
+    for t in trials:
+        by_split[t["split"]] = by_split.get(t["split"], 0) + 1
+    sessions = len({t["session"] for t in trials})
+    return f"{sessions} sessions, " + ", ".join(f"{n} {s}" for s, n in by_split.items()) + " trials"
+
+
+def print_registries() -> None:
+    from config import params_type
+    from harness.plugins import load_plugins
+    from registry import ALL_REGISTRIES
+
+    load_plugins()
+    for registry in ALL_REGISTRIES:
+        print(f"{registry.kind}s:")
+        for name in registry.names() or ["(none)"]:
+            fn = registry.get(name) if name in registry else None
+            params = params_type(fn) if fn else None
+            print(f"  {name}" + (f"  (params: {params.__name__})" if params else ""))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return dispatch(args)
+    except UserError as error:
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
+        return UserError.exit_code
+    except PluginImportError as error:
+        traceback.print_exception(error.__cause__, file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(message: str) -> str:
+    """A UserError re-raised from a DataLoader worker carries the worker's traceback: keep its last line."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return lines[-1].split("UserError: ", 1)[-1] if len(lines) > 1 else message.strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Decorator registries: model constructors, data preprocessors, config setters.
+
+Registration is explicit (a decorator on a function in a model folder), a duplicate name raises and
+names both definitions, and an unknown name raises with the registered names and a "did you mean".
+Model folders are found by `harness.plugins.load_plugins()`: any top-level folder of the repository
+with an `__init__.py` is imported, so adding a folder is enough; nothing here needs editing.
+
+    from registry import register_model_constructor
+
+    @register_model_constructor()          # name defaults to the function's name
+    def my_model(params: MyParams, ctx): ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable
+
+from harness.errors import UserError
+
+
+class DuplicateRegistrationError(Exception):
+    """Two definitions claim one name: a bug in a plugin, so it is never swallowed."""
+
+
+class Registry:
+    """One namespace of named functions, filled by a decorator."""
+
+    def __init__(self, kind: str):
+        self.kind = kind  # e.g. "model constructor", used in messages
+        self._entries: dict[str, Callable] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
+        if callable(name):  # used bare as @register_x: the function came in place of the name
+            raise TypeError(f"use @register_{self.kind.replace(' ', '_')}() with parentheses")
+
+        def decorator(fn: Callable) -> Callable:
+            key = name or fn.__name__
+            if key in self._entries:
+                raise DuplicateRegistrationError(
+                    f"{self.kind} '{key}' is defined twice: {_where(self._entries[key])} and {_where(fn)}"
+                )
+            self._entries[key] = fn
+            return fn
+
+        return decorator
+
+    def get(self, name: str) -> Callable:
+        if name in self._entries:
+            return self._entries[name]
+        raise UserError(unknown_name_message(self.kind, name, self.names()))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def unregister(self, name: str) -> None:
+        """For tests that register throw-away entries."""
+        self._entries.pop(name, None)
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    listing = ", ".join(known) if known else "(none)"
+    return f"unknown {kind} '{name}'{hint} Registered: {listing}"
+
+
+def _where(fn: Callable) -> str:
+    try:
+        line = inspect.getsourcelines(fn)[1]
+        return f"{fn.__module__}.{fn.__qualname__} ({inspect.getsourcefile(fn)}:{line})"
+    except (OSError, TypeError):
+        return f"{fn.__module__}.{fn.__qualname__}"
+
+
+MODEL_CONSTRUCTORS = Registry("model constructor")
+DATA_PREPROCESSORS = Registry("data preprocessor")
+CONFIG_SETTERS = Registry("config setter")
+ALL_REGISTRIES = (MODEL_CONSTRUCTORS, DATA_PREPROCESSORS, CONFIG_SETTERS)
+
+register_model_constructor = MODEL_CONSTRUCTORS.register
+register_data_preprocessor = DATA_PREPROCESSORS.register
+register_config_setter = CONFIG_SETTERS.register

@@ -1,0 +1,264 @@
+"""Tests of harness.metrics: hand-computed edits, summed ratios, bootstrap CIs, split summaries."""
+
+import json
+import random
+from collections import namedtuple
+
+import jiwer
+import numpy as np
+import pytest
+
+from harness import metrics
+from harness.metrics import (
+    bootstrap_ci,
+    char_edits,
+    normalize_text,
+    phoneme_edits,
+    split_metrics,
+    summed_ratio,
+    trial_error_columns,
+    word_edits,
+)
+
+
+def dp_distance(a, b):
+    """Oracle for the tests only: textbook Levenshtein (unit costs) over two sequences."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("The cat, sat.", "the cat sat"),
+        ("  Don't   stop-now!  ", "don't stop-now"),
+        ("It's 5 o'clock", "it's o'clock"),  # digits dropped, the space run collapsed
+        ("tab\tand\nnewline", "tab and newline"),  # any whitespace separates words
+        ("...?!", ""),
+        ("", ""),
+    ],
+)
+def test_normalize_text(raw, expected):
+    assert normalize_text(raw) == expected
+
+
+# --------------------------------------------------------------------------- hand-computed edits
+
+
+def test_phoneme_edits_counts_sil():
+    assert phoneme_edits("AA B SIL", "AA SIL") == (1, 3)
+    assert phoneme_edits("AA B SIL", "AA B SIL") == (0, 3)
+    assert phoneme_edits("AA SIL", "") == (2, 2)  # empty prediction: all deletions
+    assert phoneme_edits("AA SIL", "AA SIL SIL") == (1, 2)  # an inserted SIL is an error too
+
+
+def test_word_edits_after_normalisation():
+    assert word_edits("The cat, sat.", "the bat sat") == (1, 3)
+    assert word_edits("Hello, World!", "hello world") == (0, 2)
+    assert word_edits("a b", "a b c d") == (2, 2)  # insertions can push WER above 1
+
+
+def test_char_edits_include_spaces():
+    assert char_edits("ab c", "abc") == (1, 4)  # the missing space is one deletion
+    assert char_edits("The cat.", "the  cat") == (0, 7)
+    assert char_edits("The cat, sat.", "the bat sat") == (1, 11)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_edits_match_dp_oracle(seed):
+    rng = random.Random(seed)
+    symbols = ["AA", "B", "SIL", "K"]
+    for _ in range(50):
+        ref = [rng.choice(symbols) for _ in range(rng.randint(0, 12))]
+        hyp = [rng.choice(symbols) for _ in range(rng.randint(0, 12))]
+        edits, count = phoneme_edits(" ".join(ref), " ".join(hyp))
+        assert (edits, count) == (dp_distance(ref, hyp), len(ref))
+        ref_s = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 15)))
+        hyp_s = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 15)))
+        ref_n, hyp_n = normalize_text(ref_s), normalize_text(hyp_s)
+        assert char_edits(ref_s, hyp_s) == (dp_distance(ref_n, hyp_n), len(ref_n))
+
+
+def test_word_edits_match_jiwer():
+    pairs = [
+        ("the quick brown fox", "the quick brown box jumps"),
+        ("i want to go home now", "want to go to home"),
+        ("hello there", "goodbye"),
+        ("one two three four five", "five four three two one"),
+    ]
+    for ref, hyp in pairs:
+        out = jiwer.process_words(ref, hyp)
+        assert word_edits(ref, hyp)[0] == out.substitutions + out.deletions + out.insertions
+        chars = jiwer.process_characters(ref, hyp)
+        assert char_edits(ref, hyp)[0] == chars.substitutions + chars.deletions + chars.insertions
+
+
+# --------------------------------------------------------------------------- summed ratio
+
+
+def test_summed_ratio_is_not_mean_of_rates():
+    edits, counts = [1, 0], [2, 10]  # rates 0.5 and 0.0
+    assert summed_ratio(edits, counts) == pytest.approx(1 / 12)
+    assert np.mean(np.divide(edits, counts)) == pytest.approx(0.25)
+
+
+def test_summed_ratio_undefined_without_counts():
+    assert summed_ratio([], []) is None
+    assert summed_ratio([2, 1], [0, 0]) is None
+
+
+# --------------------------------------------------------------------------- bootstrap CI
+
+
+def _fake_split(n, seed=0, rate=0.2):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(5, 40, n)
+    return rng.binomial(counts, rate), counts
+
+
+def test_ci_contains_estimate_and_is_reproducible():
+    edits, counts = _fake_split(200)
+    lo, hi = bootstrap_ci(edits, counts, seed=3)
+    assert lo <= summed_ratio(edits, counts) <= hi
+    assert lo < hi
+    assert bootstrap_ci(edits, counts, seed=3) == (lo, hi)
+    assert bootstrap_ci(edits, counts, seed=4) != (lo, hi)
+
+
+def test_ci_narrows_with_more_trials():
+    edits, counts = _fake_split(50)
+    lo_small, hi_small = bootstrap_ci(edits, counts)
+    # the same trials ten times over: same ratio, about sqrt(10) narrower interval
+    lo_big, hi_big = bootstrap_ci(np.tile(edits, 10), np.tile(counts, 10))
+    assert (hi_big - lo_big) < 0.5 * (hi_small - lo_small)
+
+
+def test_ci_matches_plain_numpy_resampling():
+    """scipy's paired percentile bootstrap against a few lines of numpy doing the same thing."""
+    edits, counts = _fake_split(300, seed=7)
+    rng = np.random.default_rng(123)
+    idx = rng.integers(0, len(edits), (10_000, len(edits)))
+    ratios = edits[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    expected = np.percentile(ratios, [2.5, 97.5])
+    assert bootstrap_ci(edits, counts) == pytest.approx(expected, abs=2e-3)
+
+
+def test_ci_degenerate_inputs():
+    assert bootstrap_ci([], []) is None
+    assert bootstrap_ci([3, 1], [0, 0]) is None  # no reference tokens at all
+    assert bootstrap_ci([1], [4]) == (0.25, 0.25)  # one trial: every resample is that trial
+    assert bootstrap_ci([0, 0, 0], [5, 6, 7]) == (0.0, 0.0)  # perfect decoder
+    # some resamples draw only the zero-count trial: they are left out, not turned into NaN
+    lo, hi = bootstrap_ci([0, 3], [0, 5])
+    assert (lo, hi) == pytest.approx((0.6, 0.6))
+
+
+def test_ci_switched_off_with_zero_resamples():
+    assert bootstrap_ci([1, 2], [3, 4], n_resamples=0) is None
+    out = split_metrics([_row("s1", (1, 4), (1, 2), (1, 8))] * 3, n_resamples=0)
+    assert out["per"] == pytest.approx(0.25) and out["per_ci"] is None
+    assert out["by_session"]["s1"]["wer_ci"] is None
+
+
+def test_ci_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        bootstrap_ci([1, 2], [3])
+
+
+# --------------------------------------------------------------------------- per-trial columns
+
+
+def test_trial_error_columns_full():
+    cols = trial_error_columns("The cat, sat.", "the bat sat", "DH AH SIL", "DH SIL")
+    assert cols == {
+        "phoneme_edits": 1, "phoneme_count": 3,
+        "word_edits": 1, "word_count": 3,
+        "char_edits": 1, "char_count": 11,
+    }
+
+
+def test_trial_error_columns_none_handling():
+    # unlabeled test split: nothing can be scored
+    assert set(trial_error_columns(None, "hi", None, "HH AY SIL").values()) == {None}
+    assert set(trial_error_columns("", "hi", "", "HH AY SIL").values()) == {None}
+    # a text-only model: words and characters, no phonemes
+    cols = trial_error_columns("hi", "hi", "HH AY SIL", None)
+    assert cols["phoneme_edits"] is None and cols["phoneme_count"] is None
+    assert (cols["word_edits"], cols["word_count"]) == (0, 1)
+    # an empty prediction is a prediction: all deletions
+    cols = trial_error_columns("hi there", "", "HH AY SIL", "")
+    assert (cols["phoneme_edits"], cols["phoneme_count"]) == (3, 3)
+    assert (cols["word_edits"], cols["word_count"]) == (2, 2)
+
+
+# --------------------------------------------------------------------------- split summaries
+
+
+def _row(session, p, w, c):
+    """A per-trial row from (edits, count) pairs; None for a pair the row lacks."""
+    row = {"session": session}
+    for (e_key, n_key), pair in zip(metrics.COLUMNS.values(), (p, w, c)):
+        row[e_key], row[n_key] = pair if pair is not None else (None, None)
+    return row
+
+
+def test_split_metrics_summed_and_by_session():
+    rows = [
+        _row("s1", (1, 4), (0, 2), (1, 10)),
+        _row("s1", (0, 6), (1, 3), (2, 12)),
+        _row("s2", (3, 10), (2, 5), (4, 20)),
+    ]
+    out = split_metrics(rows, n_resamples=500)
+    assert out["per"] == pytest.approx(4 / 20)
+    assert out["wer"] == pytest.approx(3 / 10)
+    assert out["cer"] == pytest.approx(7 / 42)
+    assert out["n_trials"] == 3
+    for name in metrics.METRICS:
+        lo, hi = out[f"{name}_ci"]
+        assert lo <= out[name] <= hi
+    assert set(out["by_session"]) == {"s1", "s2"}
+    s1, s2 = out["by_session"]["s1"], out["by_session"]["s2"]
+    assert s1["per"] == pytest.approx(1 / 10) and s1["n_trials"] == 2
+    assert s2["wer"] == pytest.approx(2 / 5) and s2["wer_ci"] == [s2["wer"], s2["wer"]]
+    assert "by_session" not in s1
+    json.dumps(out)  # metrics.json must be able to hold it as is
+
+
+def test_split_metrics_nulls_where_not_applicable():
+    # a text-only model on val: no PER
+    rows = [_row("s1", None, (1, 3), (2, 9)), _row("s2", None, (0, 4), (0, 15))]
+    out = split_metrics(rows, n_resamples=200)
+    assert out["per"] is None and out["per_ci"] is None
+    assert out["by_session"]["s1"]["per"] is None
+    assert out["wer"] == pytest.approx(1 / 7)
+    # the unlabeled test split: nothing at all, but the trials are still counted
+    out = split_metrics([_row("s1", None, None, None)] * 4)
+    assert all(out[k] is None for k in ("per", "per_ci", "wer", "wer_ci", "cer", "cer_ci"))
+    assert out["n_trials"] == 4 and out["by_session"]["s1"]["n_trials"] == 4
+    # no rows
+    assert split_metrics([])["n_trials"] == 0
+
+
+def test_split_metrics_reads_csv_strings_and_records():
+    """Rows read back from per_trial.csv hold strings, "" for empty; records work like dicts."""
+    csv_rows = [
+        {"session": "s1", "phoneme_edits": "1", "phoneme_count": "4",
+         "word_edits": "", "word_count": "", "char_edits": "", "char_count": ""},
+        {"session": "s1", "phoneme_edits": "2", "phoneme_count": "6",
+         "word_edits": "", "word_count": "", "char_edits": "", "char_count": ""},
+    ]
+    out = split_metrics(csv_rows, n_resamples=200)
+    assert out["per"] == pytest.approx(0.3) and out["wer"] is None
+
+    Record = namedtuple("Record", list(csv_rows[0]))
+    records = [Record(**{k: (int(v) if v.isdigit() else None) if k != "session" else v
+                         for k, v in r.items()}) for r in csv_rows]
+    assert split_metrics(records, n_resamples=200) == out
