@@ -219,17 +219,27 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
 # `evaluate`
 
 
-def checkpoint_file(path: Path) -> Path:
-    """A run folder (its best, else last checkpoint) or a checkpoint file."""
-    if path.is_file():
-        return path
-    for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
-        if candidate.is_file():
-            return candidate
+def load_any_checkpoint(path: Path) -> tuple[dict, Path]:
+    """(payload with "config" and "model", the file read) from a run folder (its best, else last
+    checkpoint), a checkpoint file, or a reference baseline folder (checkpoint/args.yaml +
+    checkpoint/best_checkpoint, converted by ctc_baseline.reference: that format is the baseline's)."""
     if (path / "checkpoint" / "args.yaml").is_file():
-        raise UserError(f"{path} is a reference baseline checkpoint folder: loading those comes with the "
-                        "ctc_baseline model folder")
-    raise UserError(f"no checkpoint found at {path}: give a run folder (with checkpoints/best.pt) or a .pt file")
+        from ctc_baseline.reference import load_reference_checkpoint
+
+        config, state, _ = load_reference_checkpoint(path)
+        return {"config": config, "model": state}, path / "checkpoint" / "best_checkpoint"
+    candidates = [path] if path.is_file() else [path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UserError(f"no checkpoint found at {path}: give a run folder (with checkpoints/best.pt), a .pt file, "
+                        "or a reference baseline folder (with checkpoint/args.yaml)")
+    try:
+        payload = load_checkpoint(found)
+    except Exception as error:  # pickle/zip errors of many kinds: all mean "not our checkpoint"
+        raise UserError(f"{found}: not a readable checkpoint ({type(error).__name__}: {error})".splitlines()[0]) from None
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise UserError(f"{found} is not a b2t-bench checkpoint (no config/model inside)")
+    return payload, found
 
 
 def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle_csv: str | None,
@@ -237,10 +247,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
     load_plugins()
     if out is not None:
         results.check_out_dir(out, False, overwrite)
-    path = checkpoint_file(Path(checkpoint))
-    payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
-        raise UserError(f"{path} is not a b2t-bench checkpoint (no config/model inside)")
+    payload, path = load_any_checkpoint(Path(checkpoint))
     config = load_config(data=payload["config"])
     known = list(config.data_params.sessions)
     config.data_params.data_dir = data_dir

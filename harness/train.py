@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from config import to_data
 from harness.batching import TrainBatchSampler, TrialDataset, collate
+from harness.errors import UserError
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
 from harness.results import atomic_write_bytes
 
@@ -182,6 +183,9 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
         batch = apply_preprocessors(batch.to(device), preprocessors, training=True)
         with autocast(device, tp.amp_bf16):
             parts = model.loss(batch)
+        if not torch.isfinite(parts["loss"].detach()):
+            raise UserError(f"step {state.step + 1}: the training loss is {float(parts['loss'].detach())}; "
+                            "stopping before it turns the weights into NaN (check the data and the learning rate)")
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         grad_norm = _clip(model, tp.grad_norm_clip)
