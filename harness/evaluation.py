@@ -37,7 +37,8 @@ def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, 
     model.eval()
     model.prepare_split(split, trials)
     loader = DataLoader(TrialDataset(trials, store), batch_sampler=eval_batches(trials, eval_batch_size),
-                        collate_fn=collate, num_workers=num_workers)
+                        collate_fn=collate, num_workers=num_workers,
+                        generator=torch.Generator())  # leaves the global RNG (augmentation, dropout) alone
     rows, loss_sum, loss_n = [], 0.0, 0
     for batch in loader:
         batch = apply_preprocessors(batch.to(device), preprocessors, training=False)

@@ -174,7 +174,9 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
     writer = _tensorboard(run_dir, config)
     sampler = TrainBatchSampler(trials["train"], dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, state.step)
     loader = DataLoader(TrialDataset(trials["train"], stores["train"]), batch_sampler=sampler,
-                        collate_fn=collate, num_workers=dp.num_workers, pin_memory=device.type == "cuda")
+                        collate_fn=collate, num_workers=dp.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # own generator: creating the iterator must not draw
+                                                      # from the global RNG, or resume would shift it
     has_val = bool(trials.get("val"))
     bar = tqdm(total=tp.num_steps, initial=state.step, disable=not tp.progress_bar, dynamic_ncols=True, desc="train")
     model.train()

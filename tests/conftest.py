@@ -62,3 +62,13 @@ def small_dataset(tmp_path):
             write_split(root / session / "data_val.hdf5", make_trials(session, 3, rng, block=2))
             write_split(root / session / "data_test.hdf5", make_trials(session, 2, rng, block=3), labels=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """A small synthetic dataset in the real format (4 sessions, the first train-only)."""
+    from harness.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    write_synthetic_dataset(root, n_sessions=4, trials_per_session=80, seed=0)
+    return root
