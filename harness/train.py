@@ -54,6 +54,17 @@ def lr_lambda(lr_max: float, lr_min: float, warmup: int, decay: int, kind: str):
     return multiplier
 
 
+def group_setting(tp, group_name: str):
+    """key -> the group's override from training_params.param_groups, else the training_params value."""
+    override = tp.param_groups.get(group_name)
+
+    def setting(key: str):
+        value = getattr(override, key) if override is not None else None
+        return getattr(tp, key) if value is None else value
+
+    return setting
+
+
 def build_optimizer(model, tp):
     """AdamW with one group per name the model gives its parameters; groups take their settings from
     training_params.param_groups.<name>, falling back to the training_params values."""
@@ -66,11 +77,10 @@ def build_optimizer(model, tp):
         log.warning("training_params.param_groups names groups the model does not use: %s", sorted(unknown))
     groups, lambdas = [], []
     for group_name, params in grouped.items():
-        o = tp.param_groups.get(group_name)
-        pick = lambda key: getattr(o, key) if o is not None and getattr(o, key) is not None else getattr(tp, key)  # noqa: E731
-        lr_max, decay = pick("lr_max"), pick("lr_decay_steps") or tp.num_steps
-        groups.append({"params": params, "lr": lr_max, "weight_decay": pick("weight_decay"), "name": group_name})
-        lambdas.append(lr_lambda(lr_max, pick("lr_min"), pick("lr_warmup_steps"), decay, tp.lr_scheduler))
+        setting = group_setting(tp, group_name)
+        lr_max, decay = setting("lr_max"), setting("lr_decay_steps") or tp.num_steps
+        groups.append({"params": params, "lr": lr_max, "weight_decay": setting("weight_decay"), "name": group_name})
+        lambdas.append(lr_lambda(lr_max, setting("lr_min"), setting("lr_warmup_steps"), decay, tp.lr_scheduler))
     optimizer = torch.optim.AdamW(groups, betas=tuple(tp.betas), eps=tp.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return optimizer, scheduler
