@@ -81,7 +81,8 @@ def build_optimizer(model, tp):
         lr_max, decay = setting("lr_max"), setting("lr_decay_steps") or tp.num_steps
         groups.append({"params": params, "lr": lr_max, "weight_decay": setting("weight_decay"), "name": group_name})
         lambdas.append(lr_lambda(lr_max, setting("lr_min"), setting("lr_warmup_steps"), decay, tp.lr_scheduler))
-    optimizer = torch.optim.AdamW(groups, betas=tuple(tp.betas), eps=tp.eps)
+    # fused: one kernel for all parameters, as the reference trainer; same update as the loop version
+    optimizer = torch.optim.AdamW(groups, betas=tuple(tp.betas), eps=tp.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return optimizer, scheduler
 
