@@ -189,7 +189,8 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
                         generator=torch.Generator())  # own generator: creating the iterator must not draw
                                                       # from the global RNG, or resume would shift it
     has_val = bool(trials.get("val"))
-    bar = tqdm(total=tp.num_steps, initial=state.step, disable=not tp.progress_bar, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=tp.num_steps, initial=state.step, dynamic_ncols=True, desc="train",
+               disable=None if tp.progress_bar else True)  # None: only on a terminal, not in log files
     model.train()
     started, losses = time.monotonic(), {}
     for batch in loader:
