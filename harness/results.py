@@ -23,8 +23,8 @@ from importlib import metadata
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.plugins import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DONE = "DONE"
 BASE_COLUMNS = [
     "split", "session", "block_num", "trial_num",

@@ -7,6 +7,7 @@ evaluation splits -> per-trial rows -> metrics -> run folder, `DONE` last.
 from __future__ import annotations
 
 import contextlib
+from copy import deepcopy
 import logging
 import random
 import shutil
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from config import ExperimentConfig, dump_config, load_config, to_data
+from config import ExperimentConfig, dump_config, load_config
 from harness import results
 from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, read_trials
 from harness.errors import UserError
@@ -284,7 +285,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
 
 
 def _with_sessions(config: ExperimentConfig, sessions: list[str]) -> ExperimentConfig:
-    copy = load_config(data=to_data(config))
+    copy = deepcopy(config)
     copy.data_params.sessions = sessions
     return copy
 
