@@ -14,6 +14,7 @@ file nor a "did you mean", and the model section's type is only known after read
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -296,7 +297,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] = (), data:
     from registry import DATA_PREPROCESSORS, MODEL_CONSTRUCTORS, CONFIG_SETTERS
 
     source = str(path) if path is not None else "config"
-    raw = read_yaml(Path(path)) if data is None else _deep_copy(data)
+    raw = read_yaml(Path(path)) if data is None else copy.deepcopy(data)
     overridden = apply_overrides(raw, list(overrides))
     where = _Where(source, overridden)
     config = from_data(ExperimentConfig, raw, where)
@@ -324,10 +325,6 @@ def _typed(cls, value, where, path):
             raise where.error(path, "this function takes no params")
         return {}
     return from_data(cls, {} if value is None else value, where, path)
-
-
-def _deep_copy(data):
-    return yaml.safe_load(yaml.safe_dump(data))
 
 
 def dump_config(config: ExperimentConfig) -> str:

@@ -98,8 +98,7 @@ def print_registries() -> None:
     for registry in ALL_REGISTRIES:
         print(f"{registry.kind}s:")
         for name in registry.names() or ["(none)"]:
-            fn = registry.get(name) if name in registry else None
-            params = params_type(fn) if fn else None
+            params = params_type(registry.get(name)) if name != "(none)" else None
             print(f"  {name}" + (f"  (params: {params.__name__})" if params else ""))
 
 

@@ -57,10 +57,6 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def unregister(self, name: str) -> None:
-        """For tests that register throw-away entries."""
-        self._entries.pop(name, None)
-
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)

@@ -6,8 +6,6 @@ refused unless --force (and the output then says so).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -53,7 +51,7 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     table = summary_rows(runs)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results.atomic_write_text(out_dir / "comparison.csv", to_csv(table))
+    results.atomic_write_text(out_dir / "comparison.csv", results.rows_to_csv(table))
     note = "**Warning: compared with --force although the runs read different data.**\n\n" if len(fingerprints) > 1 else ""
     unfinished_note = "".join(f"- unfinished, left out: `{d}`\n" for d in unfinished)
     results.atomic_write_text(out_dir / "comparison.md", "# Comparison\n\n" + note + to_markdown(table) + "\n" + unfinished_note)
@@ -100,11 +98,3 @@ def to_markdown(table: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in table]
     return "\n".join(lines) + "\n"
-
-
-def to_csv(table: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_columns(table), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in table])
-    return buffer.getvalue()

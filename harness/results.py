@@ -57,17 +57,22 @@ def write_json(path: Path | str, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
-    """per_trial.csv: the contract columns first, then any model-specific columns in first-seen order."""
-    extra = []
+def rows_to_csv(rows: list[dict], leading: list[str] = ()) -> str:
+    """CSV text: the `leading` columns first, then every other key in first-seen order; None is empty."""
+    columns = list(leading)
     for row in rows:
-        extra += [k for k in row if k not in BASE_COLUMNS and k not in extra]
+        columns += [k for k in row if k not in columns]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=BASE_COLUMNS + extra, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
+    """per_trial.csv: the contract columns first, then any model-specific columns."""
+    atomic_write_text(path, rows_to_csv(rows, BASE_COLUMNS))
 
 
 def is_finished(run_dir: Path | str) -> bool:

@@ -7,7 +7,6 @@ evaluation splits -> per-trial rows -> metrics -> run folder, `DONE` last.
 from __future__ import annotations
 
 import contextlib
-from copy import deepcopy
 import logging
 import random
 import shutil
@@ -265,8 +264,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
     with run_logging(run_dir):
         results.atomic_write_text(run_dir / "config.yaml", dump_config(config))
         device = pick_device(config.training_params.device)
-        config_known = _with_sessions(config, known)
-        model = build_model(config_known, known, {}, device)
+        model = build_model(config, known, {}, device)  # day layers follow the checkpoint's session list
         model.load_state_dict(payload["model"])
         trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
                                             config.data_params.short_trials)
@@ -282,12 +280,6 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
             write_kaggle_csv(Path(kaggle_csv), rows)
         write_run_outputs(run_dir, rows, metrics, meta)
     return run_dir
-
-
-def _with_sessions(config: ExperimentConfig, sessions: list[str]) -> ExperimentConfig:
-    copy = deepcopy(config)
-    copy.data_params.sessions = sessions
-    return copy
 
 
 def write_kaggle_csv(path: Path, rows: list[dict]) -> None:

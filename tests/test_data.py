@@ -7,7 +7,6 @@ import pytest
 import main
 from harness.batching import TrainBatchSampler, TrialDataset, collate, eval_batches
 from harness.data import FeatureStore, find_sessions, read_trials
-from harness.errors import UserError
 from tests.conftest import TINY_CONFIG, make_trials, write_split
 
 
@@ -59,7 +58,6 @@ def test_sentence_from_transcription_when_label_attribute_absent(tmp_path):
 
 
 def _trials(n_sessions=3, per=5):
-    rng = np.random.default_rng(0)
     from harness.data import Trial
 
     return [Trial("train", f"s{d}", d, "p", f"trial_{i:04d}", 1, i, 10 + i, (1, 40), "x")
@@ -216,6 +214,3 @@ def test_bad_config_value_from_the_command_line(small_dataset, tmp_path, capsys)
     code, err = run_cli(capsys, small_dataset, tmp_path / "run", "--set", "training_params.num_step=3")
     assert_one_line_error(code, err, tmp_path / "run", "--set training_params.num_step", "did you mean 'num_steps'")
 
-
-def test_user_error_is_a_user_error():
-    assert issubclass(UserError, Exception) and UserError.exit_code == 2
