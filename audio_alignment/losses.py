@@ -1,0 +1,76 @@
+"""Alignment losses between brain embeddings and frozen audio-encoder targets.
+
+Both sides are padded batches with their own valid lengths: brain frames shrink with patching and
+the random cut, target frames depend on the speech. Every function here reads only frames inside
+each trial's valid length, so padding never enters a loss or a score (tested by filling the
+padding with garbage).
+
+- `resample`: linear interpolation of every sequence to a common number of frames, the same rule as
+  `F.interpolate(mode="linear", align_corners=False)` applied to each trial's valid frames alone,
+  done for the whole batch as one batched matmul (F.interpolate takes one output size per call).
+- `interpolated_cosine_loss`: the original design: both sequences resampled to a common length,
+  1 - mean frame-wise cosine.
+- `info_nce`: sentence-level contrastive loss across the batch on mean-pooled embeddings. It does
+  not care when the trial's speech starts or how fast it goes, which the frame-wise cosine does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def resample_matrix(lengths: torch.Tensor, max_length: int, n_out: int) -> torch.Tensor:
+    """(B, n_out, max_length) weights whose rows interpolate each trial's first `lengths[b]` frames
+    to n_out frames. Rows of a trial with length 0 are all zero."""
+    device = lengths.device
+    src_len = lengths.clamp(min=1).to(torch.float64).unsqueeze(1)  # (B, 1)
+    k = torch.arange(n_out, device=device, dtype=torch.float64).unsqueeze(0)  # (1, n_out)
+    x = ((k + 0.5) * src_len / n_out - 0.5).clamp(min=0)  # source position (align_corners=False)
+    i0 = x.floor().long()
+    last = (src_len.long() - 1).expand_as(i0)
+    i0 = torch.minimum(i0, last)
+    i1 = torch.minimum(i0 + 1, last)
+    w1 = (x - i0).clamp(0, 1)
+    m = torch.zeros(lengths.shape[0], n_out, max_length, dtype=torch.float64, device=device)
+    m.scatter_add_(2, i0.unsqueeze(2), (1 - w1).unsqueeze(2))
+    m.scatter_add_(2, i1.unsqueeze(2), w1.unsqueeze(2))
+    return m * (lengths > 0).view(-1, 1, 1)
+
+
+def resample(x: torch.Tensor, lengths: torch.Tensor, n_out: int) -> torch.Tensor:
+    """x (B, T, D) zero padded after lengths -> (B, n_out, D)."""
+    m = resample_matrix(lengths, x.shape[1], n_out).to(x.dtype)
+    return m @ x
+
+
+def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over each trial's valid frames: (B, T, D) -> (B, D); zeros for a trial of length 0."""
+    mask = (torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)
+    return (x * mask.unsqueeze(2)).sum(1) / lengths.clamp(min=1).to(x.dtype).unsqueeze(1)
+
+
+def sequence_cosine(brain: torch.Tensor, brain_lengths: torch.Tensor, target: torch.Tensor,
+                    target_lengths: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """Mean frame-wise cosine per trial after resampling both sides to n_frames: (B,)."""
+    b = F.normalize(resample(brain, brain_lengths, n_frames), dim=-1)
+    t = F.normalize(resample(target, target_lengths, n_frames), dim=-1)
+    return (b * t).sum(-1).mean(-1)
+
+
+def interpolated_cosine_loss(brain, brain_lengths, target, target_lengths, n_frames: int) -> torch.Tensor:
+    """1 - mean cosine over the trials that have at least one valid frame on both sides."""
+    valid = (brain_lengths > 0) & (target_lengths > 0)
+    cos = sequence_cosine(brain, brain_lengths, target, target_lengths, n_frames)
+    return 1 - cos[valid].sum() / valid.sum().clamp(min=1)
+
+
+def info_nce(brain_pooled: torch.Tensor, target_pooled: torch.Tensor, labels: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """Cross-entropy of each trial against the batch's distinct sentences.
+
+    brain_pooled (B, D); target_pooled (S, D), one row per distinct sentence in the batch (training
+    batches draw trials with replacement, so a sentence can occur twice: it must not be its own
+    negative); labels (B,) index of each trial's sentence in target_pooled."""
+    logits = F.normalize(brain_pooled, dim=-1) @ F.normalize(target_pooled, dim=-1).T / temperature
+    return F.cross_entropy(logits, labels)
