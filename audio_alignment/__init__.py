@@ -1,0 +1,4 @@
+"""The audio-aligned GRU (issue 5): frozen TTS + audio-encoder targets, their cache, the model."""
+
+from audio_alignment import targets  # noqa: F401  registries and TargetMaker first: the components register into them
+from audio_alignment import cache, encoders, tts  # noqa: F401
