@@ -1,100 +1,372 @@
-"""`main.py compare`: finished runs side by side, from their run folders only.
+"""`main.py compare`: finished runs side by side, trial by trial, from their run folders only.
+
+Writes into --out: comparison.md (the report: error rates, paired tests, plots, example sentences),
+comparison.csv (one row per run and scored split), paired.csv (one row per pair of runs, split and
+metric), per_session_<split>.png and training_curves.png.
 
 Runs without `DONE` are listed as unfinished and left out. Runs whose data fingerprints differ are
-refused unless --force (and the output then says so).
+refused unless --force (and the output then says so). Trials are joined on
+(split, session, block_num, trial_num).
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 from pathlib import Path
 
-from harness import results
+from harness import plots, results
 from harness.errors import UserError
+from harness.metrics import COLUMNS, METRICS, as_number, bootstrap_ci
+from harness.paired_stats import paired_comparison
+from harness.run_reader import Run, find_runs, load_run
 
-METRICS = ("per", "wer", "cer")
-
-
-def find_runs(results_dir: Path) -> list[Path]:
-    """Every folder under results_dir that looks like a run (has config.yaml)."""
-    if not results_dir.is_dir():
-        return []
-    return sorted(p.parent for p in results_dir.rglob("config.yaml"))
+LABELS = {"per": "PER", "wer": "WER", "cer": "CER", "retrieval_top1": "top-1", "retrieval_top10": "top-10"}
+RETRIEVAL = {"retrieval_top1": 1, "retrieval_top10": 10}  # metric -> k: the true sentence ranked <= k
+N_DISAGREE, N_FIRST = 5, 3  # example sentences: where the decoders disagree most, then the first trials
 
 
-def load_run(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    meta = json.loads((run_dir / "meta.json").read_text())
-    return {"dir": run_dir, "metrics": metrics, "meta": meta}
-
-
-def fingerprint_key(run: dict) -> str:
-    fp = run["meta"].get("data_fingerprint") or {}
-    return f"{fp.get('keys_hash')}/{fp.get('content_hash')}"
-
-
-def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: bool = False) -> Path:
-    dirs = [Path(d) for d in run_dirs] or [d for d in find_runs(Path(results_dir)) if Path(out) not in d.parents]
+def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: bool = False,
+            n_resamples: int = 10_000, seed: int = 0) -> Path:
+    out_dir = Path(out)
+    dirs = _unique([Path(d) for d in run_dirs]) if run_dirs else [
+        d for d in find_runs(Path(results_dir)) if out_dir.resolve() not in (d.resolve(), *d.resolve().parents)]
     missing = [d for d in dirs if not d.is_dir()]
     if missing:
         raise UserError(f"run folder not found: {missing[0]}")
     unfinished = [d for d in dirs if not results.is_finished(d)]
-    runs = [load_run(d) for d in dirs if results.is_finished(d)]
     for d in unfinished:
         print(f"unfinished (no DONE), left out: {d}")
+    runs = [load_run(d) for d in dirs if results.is_finished(d)]
     if not runs:
         raise UserError(f"no finished run to compare (looked in {', '.join(run_dirs) or results_dir})")
-    fingerprints = {fingerprint_key(r) for r in runs}
-    if len(fingerprints) > 1 and not force:
-        raise UserError("these runs read different data (data fingerprints differ in meta.json): "
+    groups = data_groups(runs)
+    if len(groups) > 1 and not force:
+        raise UserError(f"these runs read different data (data fingerprints in meta.json differ: {_describe(groups)}); "
                         "compare runs on identical data, or pass --force")
-    table = summary_rows(runs)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(groups) > 1:
+        print(f"warning: comparing runs on different data because of --force: {_describe(groups)}")
+
+    table = summary_rows(runs, n_resamples, seed)
+    splits = list(dict.fromkeys(row["split"] for row in table))
+    pairs = [row for split in splits for row in paired_rows(runs, split, n_resamples, seed)]
+    images = write_plots(runs, splits, out_dir)
+    report = render_report(runs, table, pairs, images, splits, unfinished, groups)
     results.atomic_write_text(out_dir / "comparison.csv", results.rows_to_csv(table))
-    note = "**Warning: compared with --force although the runs read different data.**\n\n" if len(fingerprints) > 1 else ""
-    unfinished_note = "".join(f"- unfinished, left out: `{d}`\n" for d in unfinished)
-    results.atomic_write_text(out_dir / "comparison.md", "# Comparison\n\n" + note + to_markdown(table) + "\n" + unfinished_note)
-    print(to_markdown(table))
-    print(f"wrote {out_dir / 'comparison.md'} and {out_dir / 'comparison.csv'}")
+    results.atomic_write_text(out_dir / "paired.csv", results.rows_to_csv(pairs))
+    results.atomic_write_text(out_dir / "comparison.md", report)
+    print(summary_markdown(table))
+    written = ["comparison.md", "comparison.csv", "paired.csv", *(p.name for p in images.values())]
+    print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     return out_dir
 
 
-def summary_rows(runs: list[dict]) -> list[dict]:
+def _unique(paths: list[Path]) -> list[Path]:
+    seen, out = set(), []
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- same data?
+
+
+def _fingerprint(run: Run) -> tuple[str | None, str | None]:
+    fp = run.meta.get("data_fingerprint") or {}
+    return fp.get("keys_hash"), fp.get("content_hash")
+
+
+def _same_data(a: Run, b: Run) -> bool:
+    """Same trial keys and labels; same features too where both runs hashed them (a content hash
+    exists only for preloaded features, so its absence on one side is not a difference)."""
+    (keys_a, content_a), (keys_b, content_b) = _fingerprint(a), _fingerprint(b)
+    if keys_a is None or keys_a != keys_b:
+        return False
+    return content_a is None or content_b is None or content_a == content_b
+
+
+def data_groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped by the data they read; a run without a fingerprint is a group of its own."""
+    groups: list[list[Run]] = []
+    for run in runs:
+        group = next((g for g in groups if _same_data(g[0], run)), None)
+        if group is None:
+            groups.append([run])
+        else:
+            group.append(run)
+    return groups
+
+
+def _describe(groups: list[list[Run]]) -> str:
+    def names(group):
+        shown = ", ".join(r.name for r in group[:3])
+        return shown + (f" and {len(group) - 3} more" if len(group) > 3 else "")
+
+    def data(group):
+        keys = _fingerprint(group[0])[0]
+        return f"data {keys[:8]}" if keys else "no fingerprint"
+
+    return " vs ".join(f"{names(g)} ({data(g)})" for g in groups)
+
+
+# --------------------------------------------------------------------------- one row per run and split
+
+
+def _ranks(run: Run, split: str) -> list[float] | None:
+    """true_rank of every trial of the split (1 = the true sentence ranked first), or None if the
+    run has no ranks there. A rank below 1 is refused: counting from 0 would shift every top-k."""
+    ranks = [as_number(row.get("true_rank")) for row in run.rows if row.get("split") == split]
+    ranks = [r for r in ranks if r is not None]
+    if not ranks:
+        return None
+    if min(ranks) < 1:
+        raise UserError(f"{run.dir / 'per_trial.csv'}: true_rank {min(ranks):g} in {split}; ranks count from 1 "
+                        "(1 = the true sentence ranked first)")
+    return ranks
+
+
+def _is_scored(entry: dict) -> bool:
+    return any(entry.get(m) is not None for m in (*METRICS, *RETRIEVAL))
+
+
+def summary_rows(runs: list[Run], n_resamples: int, seed: int) -> list[dict]:
+    """comparison.csv: one row per run and split that has any score (an unlabeled test split has
+    none and is left out). Error rates and their CIs come from metrics.json; retrieval accuracy
+    from metrics.json, its CI from the per-trial true_rank."""
     rows = []
     for run in runs:
-        info = run["metrics"].get("run", {})
-        for split, m in run["metrics"].items():
-            if split == "run" or not isinstance(m, dict):
+        info = run.metrics.get("run") or {}
+        for split, entry in run.split_metrics().items():
+            if not _is_scored(entry):
                 continue
-            row = {"run": run["dir"].name, "decoder": info.get("model"), "split": split, "n_trials": m.get("n_trials")}
-            for key in METRICS:
-                row[key] = m.get(key)
-                ci = m.get(f"{key}_ci")
-                row[f"{key}_ci"] = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else None
-            for key in ("retrieval_top1", "retrieval_top10"):
-                if key in m:
-                    row[key] = m[key]
-            row["wall_seconds"] = run["meta"].get("wall_seconds")
+            row = {"run": run.name, "decoder": run.decoder, "split": split}
+            for metric in METRICS:
+                ci = entry.get(f"{metric}_ci") or [None, None]
+                row.update({metric: entry.get(metric), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1]})
+            ranks = _ranks(run, split)
+            for metric, k in RETRIEVAL.items():
+                if entry.get(metric) is None and ranks is None:
+                    continue
+                hits = [float(r <= k) for r in ranks] if ranks else []
+                ci = bootstrap_ci(hits, [1.0] * len(hits), n_resamples, seed) if hits else None
+                value = entry.get(metric)
+                if hits and value is not None and abs(value - sum(hits) / len(hits)) > 1e-9:
+                    print(f"warning: {run.name} {split}: {metric} {value} in metrics.json, but true_rank in "
+                          f"per_trial.csv gives {sum(hits) / len(hits)}")
+                elif value is None:
+                    value = sum(hits) / len(hits)
+                row.update({metric: value, f"{metric}_ci_low": ci[0] if ci else None,
+                            f"{metric}_ci_high": ci[1] if ci else None})
+            if "n_candidates" in entry:
+                row["n_candidates"] = entry["n_candidates"]
+            row.update({"n_trials": entry.get("n_trials"), "steps": info.get("steps"),
+                        "wall_seconds": run.meta.get("wall_seconds"), "device": run.meta.get("device")})
             rows.append(row)
     return rows
 
 
-def _columns(table: list[dict]) -> list[str]:
-    columns = []
-    for row in table:
-        columns += [k for k in row if k not in columns]
-    return columns
+# --------------------------------------------------------------------------- every pair of runs
 
 
-def _fmt(value) -> str:
+def _metric_values(run: Run, row: dict, metric: str) -> tuple[float, float] | None:
+    """(value, count) of one trial: (edits, reference length) of an error rate, (hit, 1) of a
+    retrieval accuracy; None where the run has no such number for this trial."""
+    if metric in RETRIEVAL:
+        rank = as_number(row.get("true_rank"))
+        return None if rank is None else (float(rank <= RETRIEVAL[metric]), 1.0)
+    edits, count = (as_number(row.get(c)) for c in COLUMNS[metric])
+    return None if edits is None or count is None else (edits, count)
+
+
+def paired_rows(runs: list[Run], split: str, n_resamples: int, seed: int) -> list[dict]:
+    """paired.csv: for every pair of runs (in the order given) and every metric both have on the
+    split's joined trials, the paired bootstrap CI of B - A and the Wilcoxon test."""
+    keyed = {run.name: run.rows_by_key(split) for run in runs}
+    out = []
+    for a, b in itertools.combinations(runs, 2):
+        rows_a, rows_b = keyed[a.name], keyed[b.name]
+        joined = [k for k in rows_a if k in rows_b]
+        for metric in (*METRICS, *RETRIEVAL):
+            pairs = [(_metric_values(a, rows_a[k], metric), _metric_values(b, rows_b[k], metric)) for k in joined]
+            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+            if not pairs:
+                continue
+            (a_v, a_c), (b_v, b_c) = zip(*(x for x, _ in pairs)), zip(*(y for _, y in pairs))
+            stats = paired_comparison(a_v, a_c, b_v, b_c, higher_is_better=metric in RETRIEVAL,
+                                      n_resamples=n_resamples, seed=seed)
+            ci = stats.pop("difference_ci") or [None, None]
+            row = {"split": split, "run_a": a.name, "run_b": b.name, "metric": metric}
+            row.update(stats)
+            row["difference_ci_low"], row["difference_ci_high"] = ci
+            out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def write_plots(runs: list[Run], splits: list[str], out_dir: Path) -> dict[str, Path]:
+    """name -> PNG written; a plot with nothing to show is not written."""
+    images = {}
+    for split in splits:
+        entries = [(run.name, run.split_metrics()[split]) for run in runs if split in run.split_metrics()]
+        path = plots.per_session_plot(entries, split, out_dir / f"per_session_{split}.png")
+        if path:
+            images[f"per_session_{split}"] = path
+    history = [(run.name, run.scalars, (run.metrics.get("run") or {}).get("validation_history") or [])
+               for run in runs]
+    path = plots.training_curves(history, out_dir / "training_curves.png")
+    if path:
+        images["training_curves"] = path
+    return images
+
+
+# --------------------------------------------------------------------------- comparison.md
+
+
+def _rate(value, low=None, high=None, percent=True) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    scale, unit = (100, "%") if percent else (1, "")
+    text = f"{value * scale:.1f}{unit}"
+    return text + (f" [{low * scale:.1f}, {high * scale:.1f}]" if low is not None and high is not None else "")
 
 
-def to_markdown(table: list[dict]) -> str:
-    columns = _columns(table)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in table]
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(float(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _cell(text) -> str:
+    """Markdown table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(table: list[dict]) -> str:
+    retrieval = [m for m in RETRIEVAL if any(m in row for row in table)]
+    candidates = any("n_candidates" in row for row in table)
+    header = ["run", "decoder", "split", "PER [95% CI]", "WER [95% CI]", "CER [95% CI]",
+              *(f"{LABELS[m]} accuracy [95% CI]" for m in retrieval), *(["candidates"] if candidates else []),
+              "trials", "steps", "wall time"]
+    body = []
+    for row in table:
+        cells = [row["run"], row["decoder"], row["split"]]
+        cells += [_rate(row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in METRICS]
+        cells += [_rate(row.get(m), row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")) for m in retrieval]
+        cells += [row.get("n_candidates", "-")] if candidates else []
+        cells += [row["n_trials"], row["steps"] if row["steps"] is not None else "-", _duration(row["wall_seconds"])]
+        body.append(cells)
+    return _table(header, body)
+
+
+def _p_value(p) -> str:
+    if p is None:
+        return "- (equal on every trial)"
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def paired_markdown(pairs: list[dict]) -> str:
+    header = ["A", "B", "metric", "trials", "A", "B", "B - A [95% CI]", "B better / A better / equal", "Wilcoxon p"]
+    body = []
+    for p in pairs:
+        name = LABELS[p["metric"]] + (" accuracy" if p["metric"] in RETRIEVAL else "")
+        diff = _rate(p["difference"], p["difference_ci_low"], p["difference_ci_high"]).replace("%", " pts")
+        body.append([p["run_a"], p["run_b"], name, p["n_trials"], _rate(p["a"]), _rate(p["b"]),
+                     ("+" if (p["difference"] or 0) > 0 else "") + diff,
+                     f"{p['b_better']} / {p['a_better']} / {p['equal']}", _p_value(p["wilcoxon_p"])])
+    return _table(header, body)
+
+
+def _shown_output(run: Run, split: str) -> str:
+    """Which prediction a run's examples show: its text if it writes any, else its phonemes."""
+    has_text = any((row.get("predicted_text") or "").strip() for row in run.rows if row.get("split") == split)
+    return "text" if has_text else "phonemes"
+
+
+def _trial_rate(run: Run, row: dict, metric: str) -> float | None:
+    values = _metric_values(run, row, metric)
+    return None if values is None or values[1] == 0 else values[0] / values[1]
+
+
+def examples_markdown(runs: list[Run], split: str) -> str:
+    """Reference vs each decoder on the trials where the decoders disagree most (the largest gap
+    between the best and worst per-trial error rate, on the metric every run has), then the first
+    trials of the split."""
+    keyed = [run.rows_by_key(split) for run in runs]
+    joined = [k for k in keyed[0] if all(k in rows for rows in keyed[1:])]
+    if not joined:
+        return "No trial of this split was decoded by every run.\n"
+    shown = {run.name: _shown_output(run, split) for run in runs}
+    metric = next((m for m in ("wer", "cer", "per") if all(
+        _trial_rate(run, rows[k], m) is not None for run, rows in zip(runs, keyed) for k in joined)), None)
+    disagree = []
+    if len(runs) == 1:
+        note = f"The first {N_FIRST} trials."
+    elif metric is None:
+        note = f"The runs share no error metric on every trial, so disagreement is not ranked: the first {N_FIRST} trials."
+    else:
+        gaps = {}
+        for key in joined:
+            rates = [_trial_rate(run, rows[key], metric) for run, rows in zip(runs, keyed)]
+            gaps[key] = max(rates) - min(rates)
+        disagree = [k for k in sorted(joined, key=gaps.get, reverse=True)[:N_DISAGREE] if gaps[k] > 0]
+        which = f"The {len(disagree)} trials" if len(disagree) > 1 else "The trial"
+        note = (f"{which} where the decoders' per-trial {LABELS[metric]} differ most, then the "
+                f"first {N_FIRST} trials." if disagree else
+                f"The decoders' per-trial {LABELS[metric]} are equal on every trial: the first {N_FIRST} trials.")
+    picked = disagree + [k for k in joined if k not in disagree][:N_FIRST]
+    body = []
+    for key in picked:
+        reference = keyed[0][key]
+        trial = f"{key[1]} block {key[2]} trial {key[3]}"
+        body.append([trial, "reference", reference.get("reference_text", ""), ""])
+        if "phonemes" in shown.values():
+            body.append(["", "reference phonemes", reference.get("reference_phonemes", ""), ""])
+        for run, rows in zip(runs, keyed):
+            row = rows[key]
+            kind = shown[run.name]
+            own = "wer" if kind == "text" else "per"
+            values = _metric_values(run, row, own)
+            errors = f"{values[0]:g}/{values[1]:g} {LABELS[own]}" if values else "-"
+            body.append(["", run.name, row.get(f"predicted_{kind}", ""), errors])
+    return note + "\n\n" + _table(["trial", "source", "sentence", "errors"], body)
+
+
+def render_report(runs, table, pairs, images, splits, unfinished, groups) -> str:
+    parts = ["# Comparison\n"]
+    if len(groups) > 1:
+        parts.append(f"**Warning: compared with --force although the runs read different data: {_describe(groups)}. "
+                     "Differences below mix decoders and data.**\n")
+    else:
+        fp = runs[0].meta.get("data_fingerprint") or {}
+        parts.append(f"{len(runs)} finished run{'s' if len(runs) > 1 else ''} on the same data ({len(fp.get('sessions', []))} sessions, "
+                     f"trials per split {fp.get('n_trials')}, keys hash {str(fp.get('keys_hash'))[:8]}).\n")
+    if unfinished:
+        parts.append("Unfinished runs (no `DONE`), left out:\n\n" + "".join(f"- `{d}`\n" for d in unfinished))
+    parts.append("## Error rates\n\nSummed ratios over each split with 95% bootstrap CIs (percent); "
+                 "`-`: not applicable (no such output). Splits without labels are left out. "
+                 "Wall time: the whole run (training and decoding), from meta.json.\n\n" + summary_markdown(table))
+    if pairs:
+        parts.append("## Paired differences\n\nEvery pair of runs on the trials both decoded. B - A in percentage "
+                     "points with its paired bootstrap 95% CI: below 0, B makes fewer errors (for an accuracy, "
+                     "above 0 is better for B); a CI that excludes 0 is a difference the trials support. "
+                     "Wilcoxon p: signed-rank test on the per-trial differences (uncorrected for the number "
+                     "of comparisons).\n\n" + paired_markdown(pairs))
+    for split in splits:
+        if f"per_session_{split}" in images:
+            parts.append(f"## Error per session ({split})\n\n![error per session]({images[f'per_session_{split}'].name})\n")
+    if "training_curves" in images:
+        parts.append(f"## Training curves\n\n![training curves]({images['training_curves'].name})\n")
+    for split in splits:
+        parts.append(f"## Example sentences ({split})\n\n" + examples_markdown(runs, split))
+    return "\n".join(parts)

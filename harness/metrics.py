@@ -104,7 +104,7 @@ def summed_ratio(edits: Sequence[float], counts: Sequence[float]) -> float | Non
     return float(np.sum(edits)) / total
 
 
-def _ratio_statistic(edits: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
+def ratio_statistic(edits: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
     """Vectorised summed ratio for scipy.stats.bootstrap; NaN where a resample's counts sum to 0."""
     num = np.sum(edits, axis=axis)
     den = np.sum(counts, axis=axis)
@@ -113,39 +113,26 @@ def _ratio_statistic(edits: np.ndarray, counts: np.ndarray, axis: int = -1) -> n
     return out
 
 
-def bootstrap_ci(
-    edits: Sequence[float],
-    counts: Sequence[float],
+def percentile_bootstrap(
+    arrays: Sequence[np.ndarray],
+    statistic,
     n_resamples: int = 10_000,
     seed: int = 0,
     confidence: float = 0.95,
-) -> tuple[float, float] | None:
-    """Percentile bootstrap CI of the summed ratio, resampling trials (edit, count pairs) together.
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of statistic(*arrays, axis=-1), resampling trials: row i of every
+    array is drawn together (scipy.stats.bootstrap, paired=True). Needs at least 2 trials.
 
-    n_resamples=0 switches the bootstrap off and gives None (cheap validation during training).
-    Degenerate inputs do not raise:
-    - no trials, or counts summing to 0: None (the ratio itself is undefined);
-    - one trial: (ratio, ratio), since every resample is that trial (scipy refuses n < 2);
-    - a resample that happens to draw only zero-count trials has an undefined ratio; scipy then
-      reports a NaN interval, and we take the percentiles over the defined resamples instead.
-    The same seed gives the same interval.
+    statistic is vectorised and returns NaN for a resample where it is undefined (a ratio whose
+    counts sum to 0); scipy then reports a NaN interval, and we take the percentiles over the
+    defined resamples instead. The same seed gives the same interval.
     """
-    edits_arr = np.asarray(edits, dtype=np.float64)
-    counts_arr = np.asarray(counts, dtype=np.float64)
-    if edits_arr.shape != counts_arr.shape or edits_arr.ndim != 1:
-        raise ValueError("edits and counts must be 1-D sequences of the same length")
-    ratio = summed_ratio(edits_arr, counts_arr)
-    if ratio is None or n_resamples == 0:
-        return None
-    if len(edits_arr) == 1:
-        return (ratio, ratio)
-
     with warnings.catch_warnings():
         # Raised only alongside a NaN interval, which is handled below.
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         res = stats.bootstrap(
-            (edits_arr, counts_arr),
-            _ratio_statistic,
+            tuple(arrays),
+            statistic,
             paired=True,
             vectorized=True,
             method="percentile",
@@ -161,6 +148,35 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
+def bootstrap_ci(
+    edits: Sequence[float],
+    counts: Sequence[float],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of the summed ratio, resampling trials (edit, count pairs) together.
+
+    n_resamples=0 switches the bootstrap off and gives None (cheap validation during training).
+    Degenerate inputs do not raise:
+    - no trials, or counts summing to 0: None (the ratio itself is undefined);
+    - one trial: (ratio, ratio), since every resample is that trial (scipy refuses n < 2);
+    - a resample that happens to draw only zero-count trials has an undefined ratio and is left
+      out (percentile_bootstrap).
+    The same seed gives the same interval.
+    """
+    edits_arr = np.asarray(edits, dtype=np.float64)
+    counts_arr = np.asarray(counts, dtype=np.float64)
+    if edits_arr.shape != counts_arr.shape or edits_arr.ndim != 1:
+        raise ValueError("edits and counts must be 1-D sequences of the same length")
+    ratio = summed_ratio(edits_arr, counts_arr)
+    if ratio is None or n_resamples == 0:
+        return None
+    if len(edits_arr) == 1:
+        return (ratio, ratio)
+    return percentile_bootstrap((edits_arr, counts_arr), ratio_statistic, n_resamples, seed, confidence)
+
+
 # --------------------------------------------------------------------------- split summaries
 
 
@@ -171,7 +187,7 @@ def _field(row, key):
     return getattr(row, key, None)
 
 
-def _as_number(value) -> float | None:
+def as_number(value) -> float | None:
     """A per_trial value as a number; None for missing, empty ("" in a CSV) or NaN (pandas)."""
     if value is None:
         return None
@@ -187,7 +203,7 @@ def _scored_pairs(rows, edits_key: str, count_key: str) -> tuple[list[float], li
     """(edits, counts) of the rows where both columns are present; other rows are not scored."""
     edits, counts = [], []
     for row in rows:
-        e, c = _as_number(_field(row, edits_key)), _as_number(_field(row, count_key))
+        e, c = as_number(_field(row, edits_key)), as_number(_field(row, count_key))
         if e is not None and c is not None:
             edits.append(e)
             counts.append(c)

@@ -262,3 +262,47 @@ def test_split_metrics_reads_csv_strings_and_records():
     records = [Record(**{k: (int(v) if v.isdigit() else None) if k != "session" else v
                          for k, v in r.items()}) for r in csv_rows]
     assert split_metrics(records, n_resamples=200) == out
+
+
+# --------------------------------------------------------------------------- second implementation
+
+
+def test_split_metrics_match_jiwer_corpus_rates():
+    """jiwer's corpus-level rates over lists of sentences are summed ratios too (all errors / all
+    reference tokens): an independent implementation of PER, WER and CER, overall and per session."""
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under big small".split()
+    symbols = ["AA", "B", "K", "SIL"]
+
+    def noisy(tokens, vocabulary):
+        out = [t for t in tokens if rng.random() > 0.15]  # deletions
+        out = [rng.choice(vocabulary) if rng.random() < 0.15 else t for t in out]  # substitutions
+        return out + [rng.choice(vocabulary)] * (rng.random() < 0.2)  # an insertion now and then
+
+    rows, data = [], {"s0": ([], [], [], []), "s1": ([], [], [], [])}
+    for i in range(60):
+        ref = [rng.choice(words) for _ in range(rng.randint(1, 8))]
+        ref_ph = [rng.choice(symbols) for _ in range(rng.randint(1, 12))]
+        hyp, hyp_ph = " ".join(noisy(ref, words)), " ".join(noisy(ref_ph, symbols))
+        session = f"s{i % 2}"
+        rows.append({"session": session, **trial_error_columns(" ".join(ref), hyp, " ".join(ref_ph), hyp_ph)})
+        for store, value in zip(data[session], (" ".join(ref), hyp, " ".join(ref_ph), hyp_ph)):
+            store.append(value)
+    out = split_metrics(rows, n_resamples=0)
+    refs, hyps, ref_phs, hyp_phs = (data["s0"][j] + data["s1"][j] for j in range(4))
+    assert out["wer"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert out["cer"] == pytest.approx(jiwer.cer(refs, hyps))
+    assert out["per"] == pytest.approx(jiwer.wer(ref_phs, hyp_phs))
+    for session, (r, h, rp, hp) in data.items():
+        assert out["by_session"][session]["wer"] == pytest.approx(jiwer.wer(r, h))
+        assert out["by_session"][session]["per"] == pytest.approx(jiwer.wer(rp, hp))
+
+
+def test_percentile_bootstrap_resamples_trials_together():
+    """Row i of every array is drawn together: a statistic comparing an array with itself never moves."""
+    x = np.random.default_rng(0).normal(size=50)
+    lo, hi = metrics.percentile_bootstrap((x, x.copy()), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
+                                          n_resamples=500)
+    assert lo == hi == 0.0
+    lo, hi = metrics.percentile_bootstrap((x,), lambda a, axis=-1: a.mean(axis), n_resamples=2000)
+    assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * x.std() / np.sqrt(50), rel=0.2)

@@ -1,0 +1,102 @@
+"""PNG plots for `compare`: error per session with CIs, and training curves.
+
+Built on matplotlib's object API (`Figure`, no pyplot): no global figure state, no display
+needed; savefig renders with the Agg backend. Each plot is written atomically like every other
+output file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from harness import results
+from harness.metrics import METRICS
+
+LABELS = {"per": "PER", "wer": "WER", "cer": "CER"}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    results.atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Path | None:
+    """Error per session with 95% CIs, one marker per run side by side, for every metric any run
+    has on this split; the first group ("all") is the whole split.
+
+    runs: (label, that run's metrics.json entry for the split). Returns None if nothing to plot.
+    """
+    metrics = [m for m in METRICS if any(entry.get(m) is not None for _, entry in runs)]
+    if not metrics:
+        return None
+    sessions = sorted({s for _, entry in runs for s in (entry.get("by_session") or {})})
+    groups = ["all"] + sessions
+    width = max(6.0, 0.35 * len(groups) * max(1, len(runs)) ** 0.5 + 2)
+    fig = Figure(figsize=(width, 2.8 * len(metrics) + 0.8))
+    axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)[:, 0]
+    offsets = np.linspace(-0.3, 0.3, len(runs)) if len(runs) > 1 else np.zeros(1)
+    for ax, metric in zip(axes, metrics):
+        for (label, entry), offset in zip(runs, offsets):
+            xs, ys, lo, hi = [], [], [], []
+            for i, group in enumerate(groups):
+                values = entry if group == "all" else (entry.get("by_session") or {}).get(group) or {}
+                value = values.get(metric)
+                if value is None:
+                    continue
+                ci = values.get(f"{metric}_ci") or [value, value]
+                xs.append(i + offset)
+                ys.append(value)
+                lo.append(value - ci[0])
+                hi.append(ci[1] - value)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", markersize=4, capsize=2, label=label)
+        ax.axvline(0.5, color="0.7", linewidth=0.8)  # "all" apart from the sessions
+        ax.set_ylabel(f"{LABELS[metric]} ({split})")
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(range(len(groups)), groups, rotation=60, ha="right", fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[0].set_title(f"Error per session on {split}, with 95% bootstrap CIs")
+    return _save(fig, path)
+
+
+def _validation_history_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Curves from metrics.json's run.validation_history, for runs without TensorBoard scalars."""
+    curves: dict[str, list] = {}
+    for record in history:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                curves.setdefault("val/loss" if key == "loss" else f"val/{key}", []).append((record["step"], value))
+    return curves
+
+
+def training_curves(runs: list[tuple[str, dict, list[dict]]], path: Path) -> Path | None:
+    """Training loss, validation loss and validation error rates against the step, one line per run.
+
+    runs: (label, TensorBoard scalars tag -> [(step, value)], validation history of metrics.json).
+    A run without scalars falls back to its validation history. Returns None if no run has any.
+    """
+    curves = [(label, scalars or _validation_history_curves(history)) for label, scalars, history in runs]
+    panels = [tag for tag in ("train/loss", "val/loss", *(f"val/{m}" for m in METRICS))
+              if any(tag in c for _, c in curves)]
+    if not panels:
+        return None
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, tag in zip(axes, panels):
+        for label, c in curves:
+            if tag in c:
+                steps, values = zip(*c[tag])
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+        kind, name = tag.split("/")
+        ax.set_title(f"{'training' if kind == 'train' else 'validation'} {LABELS.get(name, name)}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)

@@ -1,0 +1,122 @@
+"""Reading finished run folders for `compare`: metrics, meta, per-trial rows, logged scalars.
+
+Only the files of the results contract (design.md) are read, so runs of any model, written by
+`run` or `evaluate`, load the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness.errors import UserError
+
+TRIAL_KEY = ("split", "session", "block_num", "trial_num")
+
+
+@dataclass
+class Run:
+    dir: Path
+    metrics: dict
+    meta: dict
+    rows: list[dict]  # per_trial.csv as read (strings; "" for empty)
+    decoder: str  # "<model constructor> (<trial name>)"
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)]
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def split_metrics(self) -> dict[str, dict]:
+        """metrics.json without its "run" section: split -> that split's metrics."""
+        return {k: v for k, v in self.metrics.items() if k != "run" and isinstance(v, dict)}
+
+    def rows_by_key(self, split: str) -> dict[tuple, dict]:
+        """The split's per-trial rows keyed by (split, session, block_num, trial_num)."""
+        keyed = {}
+        for row in self.rows:
+            if row.get("split") != split:
+                continue
+            key = tuple(row.get(k, "").strip() for k in TRIAL_KEY)
+            if key in keyed:
+                raise UserError(f"{self.dir / 'per_trial.csv'}: trial {' '.join(key)} appears twice; "
+                                "a run folder holds one row per trial")
+            keyed[key] = row
+        return keyed
+
+
+def find_runs(results_dir: Path) -> list[Path]:
+    """Every folder under results_dir that looks like a run (has config.yaml), finished or not."""
+    if not results_dir.is_dir():
+        return []
+    return sorted(p.parent for p in results_dir.rglob("config.yaml"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing, though {path.parent} is marked finished (DONE)") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing, though {path.parent} is marked finished (DONE)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in TRIAL_KEY if rows and c not in rows[0]]
+    if missing:
+        raise UserError(f"{path}: no column {missing[0]!r} (see the results contract in the README)")
+    return rows
+
+
+def _decoder_name(run_dir: Path, metrics: dict) -> str:
+    info = metrics.get("run") or {}
+    model, trial = info.get("model"), info.get("trial_name")
+    if model is None and (run_dir / "config.yaml").is_file():  # older runs: the resolved config says it
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        model, trial = config.get("model_constructor_name"), config.get("trial_name")
+    return f"{model} ({trial})" if trial and trial != model else str(model)
+
+
+def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run logged: tag -> [(step, value)] sorted by step.
+
+    Read with TensorBoard's own EventAccumulator (it walks every event file of the folder; a
+    resumed run has several). A step logged twice (the steps redone after a resume) keeps the
+    value written last.
+    """
+    if not tensorboard_dir.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})  # 0: keep all
+    accumulator.Reload()
+    out = {}
+    for tag in accumulator.Tags().get("scalars", []):
+        by_step = {}
+        for event in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time):
+            by_step[event.step] = event.value
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def load_run(run_dir: Path, with_scalars: bool = True) -> Run:
+    metrics = _read_json(run_dir / "metrics.json")
+    return Run(
+        dir=run_dir,
+        metrics=metrics,
+        meta=_read_json(run_dir / "meta.json"),
+        rows=_read_rows(run_dir / "per_trial.csv"),
+        decoder=_decoder_name(run_dir, metrics),
+        scalars=read_scalars(run_dir / "tensorboard") if with_scalars else {},
+    )

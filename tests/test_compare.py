@@ -1,0 +1,408 @@
+"""Tests of `compare` and the run folders it reads: atomic writes under a killed writer, refusal on
+different data, unfinished runs, the tables, paired statistics, plots and example sentences.
+
+Run folders are built by hand in tmp dirs with the contract's files (no training), so these stay fast.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+import main
+from harness import results
+from harness.compare import compare
+from harness.errors import UserError
+from harness.metrics import split_metrics
+from harness.paired_stats import paired_comparison, wilcoxon_signed_rank
+from harness.run_reader import read_scalars
+from tests.conftest import REPO_ROOT
+
+N_RESAMPLES = 2000  # enough for stable intervals, cheap enough for the suite
+
+
+# --------------------------------------------------------------------------- fake run folders
+
+
+def trial_row(i, *, split="val", session=None, phonemes=None, words=None, predicted_text="", true_rank=None):
+    """One per_trial.csv row; phonemes / words are (edits, count) or None."""
+    row = {"split": split, "session": session or f"s{i % 2}", "block_num": 1, "trial_num": i,
+           "reference_text": f"sentence {i}", "predicted_text": predicted_text,
+           "reference_phonemes": "S EH N SIL", "predicted_phonemes": f"pred {i}" if phonemes else "",
+           "phoneme_edits": None, "phoneme_count": None, "word_edits": None, "word_count": None,
+           "char_edits": None, "char_count": None}
+    if phonemes:
+        row["phoneme_edits"], row["phoneme_count"] = phonemes
+    if words:
+        row["word_edits"], row["word_count"] = words
+        row["char_edits"], row["char_count"] = words[0] * 3, words[1] * 5
+    if true_rank is not None:
+        row["true_rank"] = true_rank
+    return row
+
+
+def make_run(path, rows, *, keys_hash="data-1", content_hash=None, done=True, model="ctc", trial="tiny",
+             extra_metrics=None, wall_seconds=61.0, history=None):
+    """A run folder per the results contract; metrics.json computed from the rows as the runner does."""
+    path.mkdir(parents=True)
+    results.atomic_write_text(path / "config.yaml", f"trial_name: {trial}\nmodel_constructor_name: {model}\n")
+    results.write_rows_csv(path / "per_trial.csv", rows)
+    metrics = {}
+    for split in dict.fromkeys(r["split"] for r in rows):
+        metrics[split] = split_metrics([r for r in rows if r["split"] == split], n_resamples=N_RESAMPLES)
+        metrics[split].update((extra_metrics or {}).get(split, {}))
+    metrics["run"] = {"trial_name": trial, "model": model, "steps": 100, "best_step": 100,
+                      "validation_history": history or []}
+    results.write_json(path / "metrics.json", metrics)
+    results.write_json(path / "meta.json", {
+        "wall_seconds": wall_seconds, "device": "cpu",
+        "data_fingerprint": {"sessions": ["s0", "s1"], "n_trials": {"val": len(rows)},
+                             "keys_hash": keys_hash, "content_hash": content_hash}})
+    if done:
+        results.mark_done(path)
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def better_by_known_amount(n=200, count=15, improved=60, seed=0):
+    """Edits of decoders A and B on the same n trials of `count` phonemes each: B has exactly one
+    edit fewer on `improved` trials, so B's PER is lower by improved / (n * count) exactly."""
+    rng = np.random.default_rng(seed)
+    a = rng.binomial(count, 0.3, n) + 1  # at least one edit, so B can have one fewer
+    b = a.copy()
+    b[rng.choice(n, improved, replace=False)] -= 1
+    return a, b, np.full(n, count)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a, b, counts = better_by_known_amount()
+    run_a = make_run(tmp_path / "runs" / "a", [trial_row(i, phonemes=(a[i], counts[i])) for i in range(len(a))],
+                     trial="worse")
+    run_b = make_run(tmp_path / "runs" / "b", [trial_row(i, phonemes=(b[i], counts[i])) for i in range(len(b))],
+                     trial="better", model="gru_align", wall_seconds=3725.0)
+    return run_a, run_b
+
+
+def run_compare(*args):
+    """main.main in process; returns (exit status, stdout, stderr) through capsys in the caller."""
+    return main.main(["compare", *map(str, args)])
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from harness import results
+
+    run_dir, ready = Path(sys.argv[1]), Path(sys.argv[2])
+    real_fsync = os.fsync
+
+    def stall(fd):  # the data is written, not yet renamed: be killed here
+        ready.write_text("writing")
+        time.sleep(60)
+
+    results.write_rows_csv(run_dir / "per_trial.csv", [{"split": "val", "session": "s0"}] * 3)
+    os.fsync = stall
+    results.write_json(run_dir / "metrics.json", {"val": {"per": 0.25, "pad": "x" * 1_000_000}})
+    results.mark_done(run_dir)
+""")
+
+
+@pytest.mark.parametrize("metrics_before", [None, '{"val": {"per": 0.5}}\n'], ids=["new-file", "replacing"])
+def test_killed_writer_leaves_no_half_file_and_no_done(tmp_path, capsys, metrics_before):
+    run_dir, ready = tmp_path / "run", tmp_path / "ready"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("trial_name: x\n")
+    if metrics_before:
+        (run_dir / "metrics.json").write_text(metrics_before)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir), str(ready)], cwd=REPO_ROOT, env=env)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the writer never reached the write of metrics.json"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+    assert len(read_csv(run_dir / "per_trial.csv")) == 3  # written before: whole
+    if metrics_before:
+        assert (run_dir / "metrics.json").read_text() == metrics_before  # the old file, untouched
+    else:
+        assert not (run_dir / "metrics.json").exists()  # no half file under the real name
+    assert not (run_dir / "DONE").exists()
+    leftovers = [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers and all(name.startswith(".metrics.json.") for name in leftovers)
+
+    with pytest.raises(UserError, match="no finished run"):
+        compare([str(run_dir)], str(tmp_path / "cmp"))
+    assert f"unfinished (no DONE), left out: {run_dir}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- which runs are compared
+
+
+def test_refuses_runs_on_different_data_unless_forced(two_runs, tmp_path, capsys):
+    run_a, _ = two_runs
+    other = make_run(tmp_path / "runs" / "other", [trial_row(i, phonemes=(1, 10)) for i in range(5)],
+                     keys_hash="data-2")
+    assert run_compare(run_a, other, "--out", tmp_path / "cmp") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: these runs read different data") and "--force" in err
+    assert "a (data data-1)" in err and "other (data data-2)" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "cmp").exists()
+
+    assert run_compare(run_a, other, "--out", tmp_path / "cmp", "--force") == 0
+    assert "warning: comparing runs on different data" in capsys.readouterr().out
+    assert "**Warning: compared with --force" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_content_hash_missing_on_one_side_is_not_a_difference(two_runs, tmp_path):
+    run_a, _ = two_runs
+    rows = [trial_row(i, phonemes=(1, 10)) for i in range(5)]
+    hashed = make_run(tmp_path / "runs" / "hashed", rows, content_hash="features-1")
+    compare([str(run_a), str(hashed)], str(tmp_path / "cmp"), n_resamples=200)  # None vs features-1: fine
+    changed = make_run(tmp_path / "runs" / "changed", rows, content_hash="features-2")
+    with pytest.raises(UserError, match="different data"):
+        compare([str(hashed), str(changed)], str(tmp_path / "cmp2"), n_resamples=200)
+
+
+def test_unfinished_runs_are_listed_not_used(two_runs, tmp_path, capsys):
+    unfinished = make_run(tmp_path / "runs" / "c_unfinished", [trial_row(0, phonemes=(0, 4))], done=False)
+    out = tmp_path / "runs" / "comparison"  # inside the results folder: never taken for a run
+    assert run_compare("--results-dir", tmp_path / "runs", "--out", out) == 0
+    assert f"unfinished (no DONE), left out: {unfinished}" in capsys.readouterr().out
+    assert [r["run"] for r in read_csv(out / "comparison.csv")] == ["a", "b"]
+    assert f"- `{unfinished}`" in (out / "comparison.md").read_text()
+    assert run_compare("--results-dir", tmp_path / "runs", "--out", out) == 0  # a second time too
+
+
+def test_a_duplicated_trial_is_refused(tmp_path):
+    rows = [trial_row(0, phonemes=(1, 4)), trial_row(0, phonemes=(2, 4))]
+    run = make_run(tmp_path / "dup", rows)
+    with pytest.raises(UserError, match="appears twice"):
+        compare([str(run)], str(tmp_path / "cmp"), n_resamples=200)
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def test_comparison_table_from_hand_made_runs(tmp_path):
+    rows_a = [trial_row(0, phonemes=(1, 4), words=(1, 2)), trial_row(1, phonemes=(3, 6), words=(0, 3)),
+              trial_row(2, split="test")]  # unlabeled: nothing scored
+    rows_b = [trial_row(0, phonemes=(0, 4)), trial_row(1, phonemes=(2, 6))]  # a phoneme-only model
+    run_a = make_run(tmp_path / "a", rows_a, model="llm", trial="big")
+    run_b = make_run(tmp_path / "b", rows_b, wall_seconds=3725)
+    compare([str(run_a), str(run_b)], str(tmp_path / "cmp"), n_resamples=N_RESAMPLES)
+
+    table = read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert [(r["run"], r["split"]) for r in table] == [("a", "val"), ("b", "val")]  # test: no labels, left out
+    a, b = table
+    assert a["decoder"] == "llm (big)" and b["decoder"] == "ctc (tiny)"
+    assert float(a["per"]) == pytest.approx(4 / 10) and float(a["wer"]) == pytest.approx(1 / 5)
+    assert float(a["cer"]) == pytest.approx(3 / 25)
+    assert float(b["per"]) == pytest.approx(2 / 10) and b["wer"] == "" and b["wer_ci_low"] == ""
+    for row in (a, b):
+        assert float(row["per_ci_low"]) <= float(row["per"]) <= float(row["per_ci_high"])
+    assert a["n_trials"] == "2" and b["wall_seconds"] == "3725" and a["steps"] == "100"
+    assert "retrieval_top1" not in a  # no retrieval anywhere: no such column
+
+    report = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| a | llm (big) | val | 40.0% [" in report
+    assert "| b | ctc (tiny) | val | 20.0% [" in report and "| 1 h 2 min |" in report
+    assert "top-1" not in report
+
+
+def test_retrieval_accuracy_where_present(tmp_path):
+    ranks_a = [1, 3, 1, 12, 2, 1]
+    ranks_b = [1, 1, 1, 1, 2, 1]
+    runs = []
+    for name, ranks in (("a", ranks_a), ("b", ranks_b)):
+        rows = [trial_row(i, phonemes=(1, 5), true_rank=r) for i, r in enumerate(ranks)]
+        top1 = sum(r == 1 for r in ranks) / len(ranks)
+        top10 = sum(r <= 10 for r in ranks) / len(ranks)
+        runs.append(make_run(tmp_path / name, rows, extra_metrics={
+            "val": {"retrieval_top1": top1, "retrieval_top10": top10, "n_candidates": 50}}))
+    plain = make_run(tmp_path / "plain", [trial_row(i, phonemes=(2, 5)) for i in range(6)])
+    compare([str(r) for r in (*runs, plain)], str(tmp_path / "cmp"), n_resamples=N_RESAMPLES)
+
+    table = {r["run"]: r for r in read_csv(tmp_path / "cmp" / "comparison.csv")}
+    assert float(table["a"]["retrieval_top1"]) == pytest.approx(0.5)
+    assert float(table["a"]["retrieval_top10"]) == pytest.approx(5 / 6)
+    assert float(table["b"]["retrieval_top1"]) == pytest.approx(5 / 6) and table["b"]["n_candidates"] == "50"
+    lo, hi = float(table["a"]["retrieval_top1_ci_low"]), float(table["a"]["retrieval_top1_ci_high"])
+    assert lo < 0.5 < hi
+    assert table["plain"]["retrieval_top1"] == "" and table["plain"]["n_candidates"] == ""
+
+    paired = read_csv(tmp_path / "cmp" / "paired.csv")
+    top1 = next(p for p in paired if (p["run_a"], p["run_b"], p["metric"]) == ("a", "b", "retrieval_top1"))
+    assert float(top1["difference"]) == pytest.approx(2 / 6)  # B finds the sentence first 2 more times in 6
+    assert (top1["b_better"], top1["a_better"], top1["equal"]) == ("2", "0", "4")
+    assert not any(p["metric"].startswith("retrieval") and "plain" in (p["run_a"], p["run_b"]) for p in paired)
+    assert "top-1 accuracy" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_ranks_counted_from_zero_are_refused(tmp_path):
+    run = make_run(tmp_path / "a", [trial_row(i, phonemes=(1, 5), true_rank=i) for i in range(3)])
+    with pytest.raises(UserError, match="ranks count from 1"):
+        compare([str(run)], str(tmp_path / "cmp"), n_resamples=200)
+
+
+# --------------------------------------------------------------------------- paired statistics
+
+
+def test_paired_difference_of_a_known_amount():
+    a, b, counts = better_by_known_amount()
+    out = paired_comparison(a, counts, b, counts, n_resamples=N_RESAMPLES)
+    assert out["difference"] == pytest.approx(-60 / 3000)  # exactly 60 edits fewer in 3000 phonemes
+    lo, hi = out["difference_ci"]
+    assert lo <= -0.02 <= hi and hi < 0  # B is better, and the trials say so
+    assert (out["b_better"], out["a_better"], out["equal"]) == (60, 0, 140)
+    assert out["wilcoxon_p"] < 1e-6
+
+    swapped = paired_comparison(b, counts, a, counts, n_resamples=N_RESAMPLES)
+    assert swapped["difference"] == pytest.approx(0.02)
+    assert swapped["difference_ci"] == pytest.approx([-hi, -lo])
+    assert swapped["wilcoxon_p"] == pytest.approx(out["wilcoxon_p"])
+    assert (swapped["b_better"], swapped["a_better"]) == (0, 60)
+
+
+def test_paired_ci_matches_plain_numpy_resampling():
+    a, b, counts = better_by_known_amount(seed=3)
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, len(a), (10_000, len(a)))
+    diffs = b[idx].sum(1) / counts[idx].sum(1) - a[idx].sum(1) / counts[idx].sum(1)
+    expected = np.percentile(diffs, [2.5, 97.5])
+    assert paired_comparison(a, counts, b, counts)["difference_ci"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_pairing_narrows_the_interval():
+    """Two decoders that fail on the same hard trials: the paired CI of the difference is far
+    narrower than what the two separate CIs would suggest."""
+    rng = np.random.default_rng(0)
+    counts = np.full(300, 20)
+    a = rng.binomial(counts, rng.uniform(0.05, 0.6, 300))  # trial difficulty varies a lot
+    b = np.clip(a + rng.integers(-1, 2, 300), 0, None)
+    out = paired_comparison(a, counts, b, counts, n_resamples=N_RESAMPLES)
+    from harness.metrics import bootstrap_ci
+
+    (a_lo, a_hi), (b_lo, b_hi) = bootstrap_ci(a, counts, N_RESAMPLES), bootstrap_ci(b, counts, N_RESAMPLES)
+    unpaired_width = np.hypot(a_hi - a_lo, b_hi - b_lo)
+    lo, hi = out["difference_ci"]
+    assert hi - lo < 0.3 * unpaired_width
+
+
+def test_paired_statistics_of_identical_decoders():
+    a, _, counts = better_by_known_amount()
+    out = paired_comparison(a, counts, a, counts, n_resamples=N_RESAMPLES)
+    assert out["difference"] == 0 and out["difference_ci"] == [0.0, 0.0]
+    assert out["equal"] == len(a) and out["wilcoxon_p"] is None and out["wilcoxon_statistic"] is None
+
+
+def test_wilcoxon_drops_ties_and_matches_scipy_on_the_rest():
+    from scipy.stats import wilcoxon
+
+    a = [3, 2, 5, 1, 4, 4, 2, 6]
+    b = [2, 2, 3, 1, 1, 5, 0, 6]  # three ties
+    stat, p = wilcoxon_signed_rank(a, b)
+    nonzero = [y - x for x, y in zip(a, b) if y != x]
+    assert (stat, p) == pytest.approx(tuple(wilcoxon(nonzero)))
+    assert 0 < p < 1
+
+
+def test_paired_csv_and_report_from_runs(two_runs, tmp_path):
+    run_a, run_b = two_runs
+    compare([str(run_a), str(run_b)], str(tmp_path / "cmp"), n_resamples=N_RESAMPLES)
+    (row,) = read_csv(tmp_path / "cmp" / "paired.csv")  # one split, one shared metric
+    assert (row["split"], row["run_a"], row["run_b"], row["metric"]) == ("val", "a", "b", "per")
+    assert float(row["difference"]) == pytest.approx(-0.02) and row["n_trials"] == "200"
+    assert float(row["difference_ci_high"]) < 0 and float(row["wilcoxon_p"]) < 1e-6
+    report = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| a | b | PER | 200 |" in report and "-2.0 pts [" in report and "| 60 / 0 / 140 | < 0.0001 |" in report
+
+
+def test_pairs_join_on_trial_keys_not_row_order(tmp_path):
+    rows = [trial_row(i, phonemes=(i % 3, 5)) for i in range(6)]
+    run_a = make_run(tmp_path / "a", rows)
+    run_b = make_run(tmp_path / "b", list(reversed(rows[1:])))  # other order, one trial missing
+    compare([str(run_a), str(run_b)], str(tmp_path / "cmp"), n_resamples=200)
+    (row,) = read_csv(tmp_path / "cmp" / "paired.csv")
+    assert row["n_trials"] == "5" and float(row["difference"]) == 0 and row["equal"] == "5"
+
+
+# --------------------------------------------------------------------------- plots and examples
+
+
+def _assert_real_png(path):
+    image = imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 300
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plots_are_written_and_not_empty(two_runs, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_a, run_b = two_runs
+    for run, scale in ((run_a, 1.0), (run_b, 0.8)):
+        writer = SummaryWriter(str(run / "tensorboard"))
+        for step in range(10, 110, 10):
+            writer.add_scalar("train/loss", scale * 100 / step, step)
+            if step % 50 == 0:
+                writer.add_scalar("val/per", scale * 5 / step, step)
+        writer.close()
+    compare([str(run_a), str(run_b)], str(tmp_path / "cmp"), n_resamples=200)
+    for name in ("per_session_val.png", "training_curves.png"):
+        _assert_real_png(tmp_path / "cmp" / name)
+        assert f"]({name})" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_training_curves_fall_back_to_the_validation_history(tmp_path):
+    history = [{"step": 50, "loss": 3.0, "per": 0.6}, {"step": 100, "loss": 2.0, "per": 0.4}]
+    run = make_run(tmp_path / "a", [trial_row(i, phonemes=(1, 4)) for i in range(4)], history=history)
+    compare([str(run)], str(tmp_path / "cmp"), n_resamples=200)
+    _assert_real_png(tmp_path / "cmp" / "training_curves.png")
+
+
+def test_read_scalars_keeps_the_last_value_of_a_step_logged_twice(tmp_path):
+    """A resumed run has two event files that both hold the steps redone after the checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(str(tmp_path))
+    for step in (10, 20, 30):
+        first.add_scalar("train/loss", float(step), step)
+    first.close()
+    time.sleep(1.1)  # event file names carry the second they were made
+    second = SummaryWriter(str(tmp_path))
+    for step in (30, 40):
+        second.add_scalar("train/loss", step + 0.5, step)
+    second.close()
+    assert read_scalars(tmp_path)["train/loss"] == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+
+
+def test_example_sentences_show_where_decoders_disagree_most(tmp_path):
+    rows_a = [trial_row(i, phonemes=(1, 5)) for i in range(10)]
+    rows_b = [trial_row(i, phonemes=(1, 5)) for i in range(10)]
+    rows_b[7]["phoneme_edits"] = 5  # the one trial where they disagree
+    rows_b[7]["predicted_phonemes"] = "AA | AA"  # a pipe must not break the table
+    compare([str(make_run(tmp_path / "a", rows_a)), str(make_run(tmp_path / "b", rows_b))],
+            str(tmp_path / "cmp"), n_resamples=200)
+    examples = (tmp_path / "cmp" / "comparison.md").read_text().split("## Example sentences (val)")[1]
+    assert "The trial where the decoders' per-trial PER differ most, then the first 3 trials." in examples
+    shown = [line.split("|")[1].strip() for line in examples.splitlines() if "| reference |" in line]
+    assert shown == ["s1 block 1 trial 7", "s0 block 1 trial 0", "s1 block 1 trial 1", "s0 block 1 trial 2"]
+    assert "| sentence 7 |" in examples and "| AA \\| AA | 5/5 PER |" in examples
+    assert "| reference phonemes | S EH N SIL |" in examples
