@@ -8,9 +8,11 @@ checkpoint loads as it is.
 Two departures from the reference code, both exact in the math:
 - the day layer groups the batch by session and does one matmul per session present, instead of
   stacking a (C, C) weight copy per trial and calling einsum;
-- with `pack_sequences` the GRU runs on a PackedSequence, so padded steps are never computed. The
-  GRU is unidirectional, so every output inside a trial's valid length is unchanged; outputs past it
-  are zeros instead of the values the reference computes over padding (nothing reads them).
+- with `pack_sequences` the GRU skips the padded steps: on CPU through `packed_gru` (the same
+  nn.GRU parameters; ATen's packed CPU backward is slow), on CUDA as a PackedSequence through nn.GRU
+  (cuDNN). The GRU is unidirectional, so every output inside a trial's valid length is unchanged;
+  outputs past it are zeros instead of the values the reference computes over padding (nothing
+  reads them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from gru_decoder.packed_gru import packed_gru
 
 
 @dataclass
@@ -96,8 +100,10 @@ class GRUEncoder(nn.Module):
         h0 = self.h0.expand(self.n_layers, x.shape[0], self.n_units).contiguous()
         if not self.pack_sequences:
             return self.gru(x, h0)[0], out_lengths
-        # pack_padded_sequence refuses empty sequences; a trial cut below one patch runs one step
-        # that nothing reads (its valid length stays 0).
+        if x.device.type == "cpu":
+            return packed_gru(self.gru, x, out_lengths, h0), out_lengths
+        # CUDA: nn.GRU on a PackedSequence (cuDNN's packed kernels). pack_padded_sequence refuses empty
+        # sequences; a trial cut below one patch runs one step that nothing reads (its valid length stays 0).
         packed = pack_padded_sequence(x, out_lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         h, _ = pad_packed_sequence(self.gru(packed, h0)[0], batch_first=True, total_length=x.shape[1])
         return h, out_lengths

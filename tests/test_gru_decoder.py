@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch import nn
 
 from gru_decoder import GRUEncoder, GRUEncoderParams, output_lengths, patchify
+from gru_decoder.packed_gru import _PackedGRULayer, packed_gru
 
 SMALL = dict(n_days=3, n_features=8, n_units=12, n_layers=2, patch_size=5, patch_stride=2)
 
@@ -87,3 +89,107 @@ def test_encoder_output_is_differentiable(pack):
     out.sum().backward()
     assert encoder.h0.grad is not None and encoder.day_weights[2].grad is not None
     assert encoder.day_weights[1].grad is None  # a session absent from the batch is untouched
+
+
+# ----------------------------------------------------------------------------------------------
+# packed_gru: nn.GRU's math over the valid steps only (the CPU path of pack_sequences)
+
+LENGTHS = [5, 9, 0, 1, 7, 9]  # unsorted, with an empty and a one-step sequence
+
+
+def small_gru(dtype=torch.float32, **overrides) -> nn.GRU:
+    torch.manual_seed(1)
+    kwargs = dict(input_size=6, hidden_size=5, num_layers=3, dropout=0.4, batch_first=True)
+    return nn.GRU(**{**kwargs, **overrides}).to(dtype)
+
+
+def padded_inputs(dtype=torch.float32, lengths=LENGTHS, steps=9, layers=3):
+    torch.manual_seed(2)
+    lengths = torch.tensor(lengths)
+    valid = (torch.arange(steps)[None, :] < lengths[:, None])[..., None]
+    x = (torch.randn(len(lengths), steps, 6, dtype=dtype) * valid).requires_grad_()
+    h0 = torch.randn(layers, len(lengths), 5, dtype=dtype, requires_grad=True)
+    return x, lengths, h0, valid
+
+
+def test_packed_gru_equals_nn_gru_on_the_valid_steps_and_is_zero_past_them():
+    gru = small_gru().eval()
+    x, lengths, h0, valid = padded_inputs()
+    with torch.no_grad():
+        expected, _ = gru(x, h0)
+        out = packed_gru(gru, x, lengths, h0)
+    assert out.shape == expected.shape == (6, 9, 5)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out[i, :n], expected[i, :n], rtol=0, atol=1e-6)
+        assert not out[i, n:].any()
+
+
+def test_packed_gru_gradients_equal_nn_gru_gradients():
+    gru = small_gru().eval()
+    x, lengths, h0, valid = padded_inputs()
+    weights = torch.randn(6, 9, 5) * valid  # a loss that reads only the valid outputs
+    inputs = [x, h0, *gru.parameters()]
+    expected = torch.autograd.grad((gru(x, h0)[0] * weights).sum(), inputs)
+    got = torch.autograd.grad((packed_gru(gru, x, lengths, h0) * weights).sum(), inputs)
+    for name, a, b in zip(["x", "h0"] + [n for n, _ in gru.named_parameters()], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert got[0][2].abs().sum() == 0 and got[1][:, 2].abs().sum() == 0  # the empty sequence is untouched
+
+
+def test_packed_gru_with_no_valid_step_gives_zeros():
+    gru = small_gru().eval()
+    x, lengths, h0, _ = padded_inputs(lengths=[0, 0])
+    assert torch.equal(packed_gru(gru, x, lengths, h0), torch.zeros(2, 9, 5))
+
+
+def test_packed_gru_layer_backward_passes_gradcheck_in_float64():
+    """The hand-written backward against finite differences: every input, ragged steps, and h0 rows
+    (the 4th) whose sequence has no step."""
+    torch.manual_seed(3)
+    H, batch_sizes = 3, [3, 3, 2, 1]
+    inputs = (torch.randn(sum(batch_sizes), 3 * H, dtype=torch.float64, requires_grad=True),  # input gates
+              torch.randn(4, H, dtype=torch.float64, requires_grad=True),  # h0
+              torch.randn(3 * H, H, dtype=torch.float64, requires_grad=True),  # w_hh
+              torch.randn(3 * H, dtype=torch.float64, requires_grad=True))  # b_hh
+    assert torch.autograd.gradcheck(lambda *a: _PackedGRULayer.apply(*a, batch_sizes), inputs)
+
+
+def test_packed_gru_passes_gradcheck_in_float64():
+    gru = small_gru(torch.float64, num_layers=2).eval()
+    x, lengths, h0, _ = padded_inputs(torch.float64, lengths=[3, 1, 4, 0], steps=4, layers=2)
+    assert torch.autograd.gradcheck(lambda x, h0: packed_gru(gru, x, lengths, h0), (x, h0))
+
+
+def test_packed_gru_drops_out_between_layers_like_nn_gru():
+    # With p = 1 every mask is all zeros, so the masks' random streams do not matter: equal outputs
+    # prove dropout sits where nn.GRU puts it (after every layer but the last), in training only.
+    gru = small_gru(dropout=1.0).train()
+    x, lengths, h0, _ = padded_inputs()
+    with torch.no_grad():
+        expected, out = gru(x, h0)[0], packed_gru(gru, x, lengths, h0)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out[i, :n], expected[i, :n], rtol=0, atol=1e-6)
+    assert out.abs().sum() > 0  # the last layer's output is not dropped
+    gru.dropout = 0.4
+    with torch.no_grad():
+        dropped = packed_gru(gru, x, lengths, h0)
+        kept = packed_gru(gru.eval(), x, lengths, h0)
+    assert not torch.allclose(dropped, kept) and torch.equal(dropped == 0, kept == 0)
+
+
+def test_encoder_packed_path_keeps_the_state_dict_and_the_gradients():
+    x = torch.randn(4, 30, 8)
+    lengths = torch.tensor([17, 30, 4, 9])  # unsorted; the third gives 0 valid outputs
+    days = torch.tensor([1, 0, 2, 1])
+    x[torch.arange(30)[None, :] >= lengths[:, None]] = 0
+    packed, padded = small_encoder(pack_sequences=True), small_encoder(pack_sequences=False)
+    assert list(packed.state_dict()) == list(padded.state_dict())  # gru.weight_ih_l0 ... as nn.GRU's
+    grads = []
+    for encoder in (packed, padded):
+        out, n_valid = encoder(x, lengths, days)
+        valid = torch.arange(out.shape[1])[None, :] < n_valid[:, None]
+        (out * valid[..., None]).pow(2).sum().backward()
+        grads.append({k: p.grad for k, p in encoder.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
