@@ -39,6 +39,10 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     runs = [load_run(d) for d in dirs if results.is_finished(d)]
     if not runs:
         raise UserError(f"no finished run to compare (looked in {', '.join(run_dirs) or results_dir})")
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:  # same folder name under different parents: show the path
+            run.name = str(run.dir)
     groups = data_groups(runs)
     if len(groups) > 1 and not force:
         raise UserError(f"these runs read different data (data fingerprints in meta.json differ: {_describe(groups)}); "
@@ -130,6 +134,28 @@ def _is_scored(entry: dict) -> bool:
     return any(entry.get(m) is not None for m in (*METRICS, *RETRIEVAL))
 
 
+def _retrieval_columns(run: Run, split: str, entry: dict, n_resamples: int, seed: int) -> dict:
+    """retrieval_top1/top10 with CIs where the run has retrieval output: the value from
+    metrics.json (else from true_rank), the CI resampled from the per-trial true_rank."""
+    ranks = _ranks(run, split)
+    out = {}
+    for metric, k in RETRIEVAL.items():
+        value = entry.get(metric)
+        if value is None and ranks is None:
+            continue
+        ci = None
+        if ranks is not None:
+            hits = [float(r <= k) for r in ranks]
+            from_ranks = sum(hits) / len(hits)
+            if value is not None and abs(value - from_ranks) > 1e-9:
+                print(f"warning: {run.name} {split}: {metric} is {value} in metrics.json but {from_ranks} "
+                      "from true_rank in per_trial.csv")
+            value = from_ranks if value is None else value
+            ci = bootstrap_ci(hits, [1.0] * len(hits), n_resamples, seed)
+        out.update({metric: value, f"{metric}_ci_low": ci[0] if ci else None, f"{metric}_ci_high": ci[1] if ci else None})
+    return out
+
+
 def summary_rows(runs: list[Run], n_resamples: int, seed: int) -> list[dict]:
     """comparison.csv: one row per run and split that has any score (an unlabeled test split has
     none and is left out). Error rates and their CIs come from metrics.json; retrieval accuracy
@@ -144,20 +170,7 @@ def summary_rows(runs: list[Run], n_resamples: int, seed: int) -> list[dict]:
             for metric in METRICS:
                 ci = entry.get(f"{metric}_ci") or [None, None]
                 row.update({metric: entry.get(metric), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1]})
-            ranks = _ranks(run, split)
-            for metric, k in RETRIEVAL.items():
-                if entry.get(metric) is None and ranks is None:
-                    continue
-                hits = [float(r <= k) for r in ranks] if ranks else []
-                ci = bootstrap_ci(hits, [1.0] * len(hits), n_resamples, seed) if hits else None
-                value = entry.get(metric)
-                if hits and value is not None and abs(value - sum(hits) / len(hits)) > 1e-9:
-                    print(f"warning: {run.name} {split}: {metric} {value} in metrics.json, but true_rank in "
-                          f"per_trial.csv gives {sum(hits) / len(hits)}")
-                elif value is None:
-                    value = sum(hits) / len(hits)
-                row.update({metric: value, f"{metric}_ci_low": ci[0] if ci else None,
-                            f"{metric}_ci_high": ci[1] if ci else None})
+            row.update(_retrieval_columns(run, split, entry, n_resamples, seed))
             if "n_candidates" in entry:
                 row["n_candidates"] = entry["n_candidates"]
             row.update({"n_trials": entry.get("n_trials"), "steps": info.get("steps"),
@@ -182,10 +195,9 @@ def _metric_values(run: Run, row: dict, metric: str) -> tuple[float, float] | No
 def paired_rows(runs: list[Run], split: str, n_resamples: int, seed: int) -> list[dict]:
     """paired.csv: for every pair of runs (in the order given) and every metric both have on the
     split's joined trials, the paired bootstrap CI of B - A and the Wilcoxon test."""
-    keyed = {run.name: run.rows_by_key(split) for run in runs}
+    keyed = [run.rows_by_key(split) for run in runs]
     out = []
-    for a, b in itertools.combinations(runs, 2):
-        rows_a, rows_b = keyed[a.name], keyed[b.name]
+    for (a, rows_a), (b, rows_b) in itertools.combinations(zip(runs, keyed), 2):
         joined = [k for k in rows_a if k in rows_b]
         for metric in (*METRICS, *RETRIEVAL):
             pairs = [(_metric_values(a, rows_a[k], metric), _metric_values(b, rows_b[k], metric)) for k in joined]

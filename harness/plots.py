@@ -37,7 +37,7 @@ def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Pa
         return None
     sessions = sorted({s for _, entry in runs for s in (entry.get("by_session") or {})})
     groups = ["all"] + sessions
-    width = max(6.0, 0.35 * len(groups) * max(1, len(runs)) ** 0.5 + 2)
+    width = min(24.0, max(6.0, 0.3 * len(groups) * (1 + 0.15 * len(runs)) + 2))  # 45 real sessions fit
     fig = Figure(figsize=(width, 2.8 * len(metrics) + 0.8))
     axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)[:, 0]
     offsets = np.linspace(-0.3, 0.3, len(runs)) if len(runs) > 1 else np.zeros(1)

@@ -26,10 +26,10 @@ class Run:
     rows: list[dict]  # per_trial.csv as read (strings; "" for empty)
     decoder: str  # "<model constructor> (<trial name>)"
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)]
+    name: str = ""  # how tables and plots call the run: its folder name unless given
 
-    @property
-    def name(self) -> str:
-        return self.dir.name
+    def __post_init__(self):
+        self.name = self.name or self.dir.name
 
     def split_metrics(self) -> dict[str, dict]:
         """metrics.json without its "run" section: split -> that split's metrics."""

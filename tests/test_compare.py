@@ -191,6 +191,15 @@ def test_unfinished_runs_are_listed_not_used(two_runs, tmp_path, capsys):
     assert run_compare("--results-dir", tmp_path / "runs", "--out", out) == 0  # a second time too
 
 
+def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):
+    rows = [trial_row(i, phonemes=(i, 5)) for i in range(4)]
+    first, second = make_run(tmp_path / "x" / "run", rows), make_run(tmp_path / "y" / "run", rows)
+    compare([str(first), str(second)], str(tmp_path / "cmp"), n_resamples=200)
+    assert [r["run"] for r in read_csv(tmp_path / "cmp" / "comparison.csv")] == [str(first), str(second)]
+    (pair,) = read_csv(tmp_path / "cmp" / "paired.csv")
+    assert (pair["run_a"], pair["run_b"]) == (str(first), str(second))
+
+
 def test_a_duplicated_trial_is_refused(tmp_path):
     rows = [trial_row(0, phonemes=(1, 4)), trial_row(0, phonemes=(2, 4))]
     run = make_run(tmp_path / "dup", rows)
