@@ -38,9 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--kaggle-csv", metavar="FILE", help="also write id,text predictions in the Kaggle order")
 
     cmp = commands.add_parser("compare", help="compare finished runs side by side",
-                              description="Compare finished run folders trial by trial.")
+                              description="Compare finished run folders trial by trial: error rates with CIs, "
+                                          "paired bootstrap CIs and Wilcoxon tests for every pair, plots, examples.")
     cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (default: every run under results/)")
-    cmp.add_argument("--out", default="results/comparison", help="where comparison.md and comparison.csv go")
+    cmp.add_argument("--out", default="results/comparison",
+                     help="where comparison.md, comparison.csv, paired.csv and the PNGs go (default: %(default)s)")
     cmp.add_argument("--results-dir", default="results", help="where to look for runs when none are given")
     cmp.add_argument("--force", action="store_true", help="compare runs even if their data fingerprints differ")
 
