@@ -1,4 +1,4 @@
-"""Decorator registries: model constructors, data preprocessors, config setters.
+"""Decorator registries: model constructors, data preprocessors, config setters, word decoders.
 
 Registration is explicit (a decorator on a function in a model folder), a duplicate name raises and
 names both definitions, and an unknown name raises with the registered names and a "did you mean".
@@ -76,8 +76,11 @@ def _where(fn: Callable) -> str:
 MODEL_CONSTRUCTORS = Registry("model constructor")
 DATA_PREPROCESSORS = Registry("data preprocessor")
 CONFIG_SETTERS = Registry("config setter")
-ALL_REGISTRIES = (MODEL_CONSTRUCTORS, DATA_PREPROCESSORS, CONFIG_SETTERS)
+# Phoneme log-probs -> words, for any model emitting the 41 classes (ctc_baseline.word_decoding).
+WORD_DECODERS = Registry("word decoder")
+ALL_REGISTRIES = (MODEL_CONSTRUCTORS, DATA_PREPROCESSORS, CONFIG_SETTERS, WORD_DECODERS)
 
 register_model_constructor = MODEL_CONSTRUCTORS.register
 register_data_preprocessor = DATA_PREPROCESSORS.register
 register_config_setter = CONFIG_SETTERS.register
+register_word_decoder = WORD_DECODERS.register

@@ -1,19 +1,25 @@
 """The Brain-to-Text '25 baseline as a b2t-bench model: GRU encoder + linear phoneme head, CTC loss,
-greedy decoding (reference sections 3 and 6)."""
+greedy phoneme decoding (reference sections 3 and 6) and a configurable word decoder
+(`model_params.word_decoder`, ctc_baseline.word_decoding) for the text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctc_baseline.word_decoding import NoWords, WordDecoderSpec, build_word_decoder, log_softmax_cpu
 from gru_decoder import GRUEncoder, GRUEncoderParams
+from harness.data import find_sessions, read_trials
 from harness.errors import UserError
 from harness.model_api import DecoderModel
 from harness.phonemes import BLANK_ID, N_CLASSES, ids_to_text
 from registry import register_config_setter, register_model_constructor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,14 +30,18 @@ class CTCBaselineParams(GRUEncoderParams):
     # The reference trainer uses CTCLoss(zero_infinity=False): an impossible alignment (too few
     # output frames for the targets) gives an infinite loss instead of being silently zeroed.
     zero_infinity: bool = False
+    # Phonemes -> text: greedy (no text), lexicon_ngram (lexicon + n-gram beam search, optional LLM
+    # rescoring). Not part of the network: a checkpoint decodes with any word decoder.
+    word_decoder: WordDecoderSpec = field(default_factory=WordDecoderSpec)
 
 
 class CTCBaseline(GRUEncoder, DecoderModel):
     """GRUDecoder of the reference. Subclassing the encoder keeps the reference state-dict keys:
     h0, day_weights.*, day_biases.*, gru.*, out.weight, out.bias."""
 
-    def __init__(self, p: CTCBaselineParams):
+    def __init__(self, p: CTCBaselineParams, word_decoder=None):
         super().__init__(p)
+        self.word_decoder = word_decoder or NoWords()  # built from p.word_decoder by ctc_baseline() below
         self.min_time_steps = p.patch_size  # shorter trials give no output frame
         self.zero_infinity = p.zero_infinity
         self.out = nn.Linear(p.n_units, p.n_classes)
@@ -52,7 +62,12 @@ class CTCBaseline(GRUEncoder, DecoderModel):
 
     def decode(self, batch):
         logits, out_lengths = self(batch.features, batch.lengths, batch.day_indices)
-        return [{"predicted_phonemes": text} for text in greedy_phonemes(logits, out_lengths)]
+        phonemes = greedy_phonemes(logits, out_lengths)
+        texts = self.word_decoder.decode(log_softmax_cpu(logits), out_lengths.cpu())  # None: no text
+        return [{"predicted_phonemes": p, "predicted_text": t} for p, t in zip(phonemes, texts)]
+
+    def split_metrics(self, split: str, rows: list[dict]) -> dict:
+        return self.word_decoder.split_metrics(rows)
 
     def param_group(self, name: str) -> str:
         """Reference section 4: biases without decay, day layers with their own LR, the rest."""
@@ -81,7 +96,21 @@ def ctc_baseline(params: CTCBaselineParams, ctx):
     if params.n_days < len(ctx.sessions):
         raise UserError(f"model_params.n_days is {params.n_days} but the run has {len(ctx.sessions)} sessions "
                         "(use config_setter_name: ctc_baseline_setter to fill it)")
-    return CTCBaseline(params)
+    # greedy needs no text; the others build their vocabulary and LM from the training transcriptions
+    sentences = training_sentences(ctx) if params.word_decoder.name != "greedy" else []
+    return CTCBaseline(params, build_word_decoder(params.word_decoder, sentences, ctx.cache_dir))
+
+
+def training_sentences(ctx) -> list[str]:
+    """The training transcriptions: the run's train split, or, where the model is built without data
+    (`evaluate`), the train split of the data being decoded (labels only, no features)."""
+    trials = ctx.trials.get("train")
+    if trials is None:
+        dp = ctx.config.data_params
+        trials = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
+        log.info("word decoding: vocabulary and LM text from the %d training transcriptions in %s",
+                 len(trials), dp.data_dir)
+    return [t.sentence for t in trials if t.sentence]
 
 
 @register_config_setter()
