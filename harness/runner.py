@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ from harness.train import load_checkpoint, train
 from registry import CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS
 
 log = logging.getLogger("b2t")
-CACHE_DIR = REPO_ROOT / ".cache"
+CACHE_DIR = REPO_ROOT / ".cache"  # default home of model artefacts (target caches, LMs); B2T_CACHE_DIR overrides
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def log_skipped(skipped: dict, min_steps: int) -> None:
 
 def build_model(config: ExperimentConfig, sessions, trials, device) -> DecoderModel:
     constructor = MODEL_CONSTRUCTORS.get(config.model_constructor_name)
-    ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=str(CACHE_DIR))
+    cache_dir = os.environ.get("B2T_CACHE_DIR", str(CACHE_DIR))
+    ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=cache_dir)
     model = constructor(config.model_params, ctx)
     if not isinstance(model, DecoderModel):
         raise TypeError(f"model constructor '{config.model_constructor_name}' returned {type(model).__name__}, "
