@@ -31,21 +31,24 @@ def _at_least(waveform: np.ndarray, n_samples: int) -> np.ndarray:
 class LogMelParams:
     n_mels: Literal[80, 128] = 80  # Whisper's feature sizes (Qwen2-Audio uses 128)
     pool: int = 4  # 10 ms mel frames averaged into one target frame: 4 -> 40 ms, Qwen2-Audio's frame rate
-    normalize: Literal["mean_std", "mean", "none"] = "mean_std"  # per utterance and mel channel
+    normalize: Literal["none", "mean", "mean_std"] = "none"  # "mean"/"mean_std": per utterance and mel channel
     dim: int | None = None  # None: n_mels; else a fixed random projection (seeded) to this width
     projection_seed: int = 0
 
 
 class LogMelEncoder:
     """Whisper log-mel spectrogram (transformers.WhisperFeatureExtractor, built from its defaults, no
-    download), then per utterance and mel channel the mean removed and the spread scaled to 1
-    (`normalize: mean_std`), then average-pooled over `pool` frames, then optionally a fixed Gaussian
-    projection.
+    download: log10 power, floored 8 below the utterance's peak, scaled as (x + 4) / 4), average-pooled
+    over `pool` frames, then optionally a fixed Gaussian projection.
 
-    Why normalise: the model learns to predict these frames and retrieval compares them by cosine
-    similarity. Raw Whisper log-mels share a large common offset (overall loudness, the spectral tilt
-    of the voice) that would dominate every cosine; with it removed, what is left is how the spectrum
-    moves over time, which is what tells one sentence from another.
+    Normalisation: none by default, beyond Whisper's own scaling. The model learns to predict these
+    frames and retrieval compares them by cosine similarity. All Whisper log-mel frames share a large
+    common offset, which would dominate every cosine; the model side removes it by subtracting the
+    mean training target frame (the same for every sentence). Removing each utterance's own mean
+    (`mean`, `mean_std`) would also remove it, but with it the sentence's average spectrum, which is
+    what tells sentences apart when frames are averaged over the sentence (sentence-level losses,
+    pooled retrieval). The voice is one synthetic voice at one loudness, so there is no speaker or
+    channel variation that a per-utterance normalisation would be needed against.
     """
 
     name = "log_mel"

@@ -6,6 +6,7 @@ Each returns float32 mono waveforms at 16 kHz (targets.SAMPLE_RATE), one per sen
 from __future__ import annotations
 
 import ctypes
+import difflib
 import hashlib
 import json
 import os
@@ -20,7 +21,6 @@ from scipy.signal import resample_poly
 
 from audio_alignment.targets import SAMPLE_RATE, register_tts, weights_digest
 from harness.errors import UserError
-from registry import unknown_name_message
 
 
 def to_sample_rate(waveform: np.ndarray, rate: int) -> np.ndarray:
@@ -116,14 +116,26 @@ def _reset_lock_after_fork():  # a fork while another thread held the lock would
 os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
-def espeak_voice_names(data_path: str) -> list[str]:
-    """Language voice names shipped with the data (for "did you mean"): the files under lang/."""
-    return sorted({p.name.lower() for p in (Path(data_path) / "lang").rglob("*") if p.is_file()})
+def espeak_voice_names(data_path: str) -> tuple[list[str], list[str]]:
+    """The voices (files under lang/, matched without case) and variants (voices/!v/, with case)
+    that the data holds, for "did you mean"."""
+    voices = sorted({p.name.lower() for p in (Path(data_path) / "lang").rglob("*") if p.is_file()})
+    variants = sorted(p.name for p in (Path(data_path) / "voices" / "!v").iterdir() if p.is_file())
+    return voices, variants
+
+
+def _unknown(kind: str, name: str, known: list[str], folder: Path) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"model_params.targets.tts.params.voice: unknown espeak-ng {kind} '{name}'{hint} (the {kind}s are the files in {folder})"
 
 
 @dataclass
 class EspeakParams:
-    voice: str = "en-us"  # an espeak-ng voice (language) name
+    # voice[+variant]. Storm has no pitch flutter: espeak-ng keeps its flutter phase in a static
+    # variable that nothing resets, so with a flutter (every voice without a flutter-0 variant) a
+    # sentence's audio depends slightly on the sentences synthesised before it in the process.
+    voice: str = "en-us+Storm"
     rate: int = 175  # words per minute, 80-450
     pitch: int = 50  # base pitch, 0-100
     word_gap: int = 0  # extra pause between words, in 10 ms units at the default rate
@@ -138,11 +150,14 @@ class EspeakTTS:
     def __init__(self, params: EspeakParams):
         self.params = params
         engine = _Espeak.get()
+        voice, _, variant = params.voice.partition("+")
+        voices, variants = espeak_voice_names(engine.data_path)
         with engine.lock:
-            if not engine.set_voice(params.voice):
-                known = espeak_voice_names(engine.data_path)
-                raise UserError("model_params.targets.tts.params.voice: "
-                                + unknown_name_message("espeak-ng voice", params.voice, known))
+            known_voice = engine.set_voice(voice)
+        if not known_voice:
+            raise UserError(_unknown("voice", voice, voices, Path(engine.data_path) / "lang"))
+        if variant and variant not in variants:  # espeak-ng itself ignores an unknown variant without a word
+            raise UserError(_unknown("variant", variant, variants, Path(engine.data_path) / "voices" / "!v"))
         self.identity = {**vars(params), "espeak_ng": engine.version}
 
     def __call__(self, sentences: list[str]) -> list[np.ndarray]:
