@@ -1,0 +1,195 @@
+"""gru_align: the shared GRU brain encoder trained so that its embeddings match what a frozen audio
+encoder makes of text-to-speech audio of the attempted sentence.
+
+brain features -> GRUEncoder (day layers, patching, GRU) -> projector -> (B, P, target dim)
+sentence -> TTS -> audio encoder -> (T, target dim), precomputed once per sentence (TargetCache)
+
+Losses (weights in `loss_weights`): the interpolated frame-wise cosine of the original design,
+sentence-level InfoNCE across the batch, and an optional auxiliary CTC head over the 41 phoneme
+classes. Evaluation ranks every sentence of the split by similarity (retrieval.py); with the CTC
+head on, the run also reports phonemes (PER).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audio_alignment.cache import TargetCache
+from audio_alignment.losses import info_nce, interpolated_cosine_loss, masked_mean
+from audio_alignment.retrieval import CandidateSet, build_candidates, retrieval_metrics, similarity, true_ranks
+from audio_alignment.targets import TargetParams, build_target_maker
+from ctc_baseline.model import greedy_phonemes
+from gru_decoder import GRUEncoder, GRUEncoderParams
+from config import EvaluationParams
+from harness.errors import UserError
+from harness.model_api import DecoderModel
+from harness.phonemes import BLANK_ID, N_CLASSES
+from registry import register_config_setter, register_model_constructor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossWeights:
+    cosine: float = 1.0  # interpolated frame-wise cosine (the original design)
+    infonce: float = 1.0  # sentence-level contrastive loss across the batch
+    ctc: float = 0.0  # auxiliary CTC head on the GRU outputs; 0 = no head
+
+
+@dataclass
+class GRUAlignParams(GRUEncoderParams):
+    """Every key of model_params: the encoder sizes (GRUEncoderParams) plus these."""
+
+    targets: TargetParams = field(default_factory=TargetParams)
+    projector_hidden: int = 0  # 0: one linear layer to the target width; > 0: MLP with this hidden width
+    align_frames: int = 32  # common length both sequences are resampled to (cosine loss, "sequence" score)
+    # Standardise every target channel with its mean and std over the training targets: raw log-mels
+    # share a large common offset that would dominate every cosine. Global, not per utterance: a
+    # per-utterance mean would make every sentence's pooled target the same.
+    standardize_targets: bool = True
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    infonce_temperature: float = 0.1
+    retrieval_score: Literal["sequence", "pooled", "both"] = "both"
+
+
+class GRUAlign(GRUEncoder, DecoderModel):
+    """State-dict keys: the encoder's (h0, day_weights.*, day_biases.*, gru.*), projector.*,
+    target_mean, and ctc_head.* when the CTC weight is > 0. The targets themselves stay in the
+    cache, not in checkpoints."""
+
+    def __init__(self, p: GRUAlignParams, targets: dict[str, torch.Tensor], target_dim: int, target_name: str,
+                 evaluation: EvaluationParams, target_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__(p)
+        self.p, self.target_name, self.evaluation = p, target_name, evaluation
+        self.min_time_steps = p.patch_size  # shorter trials give no output frame
+        if p.projector_hidden > 0:
+            self.projector = nn.Sequential(nn.Linear(p.n_units, p.projector_hidden), nn.GELU(),
+                                           nn.Linear(p.projector_hidden, target_dim))
+        else:
+            self.projector = nn.Linear(p.n_units, target_dim)
+        self.ctc_head = nn.Linear(p.n_units, N_CLASSES) if p.loss_weights.ctc > 0 else None
+        mean, std = target_stats if target_stats is not None else (torch.zeros(target_dim), torch.ones(target_dim))
+        self.register_buffer("target_mean", mean)  # standardisation of the targets, saved with the weights
+        self.register_buffer("target_std", std)
+        self.targets = targets  # sentence -> (T, D) float16 on CPU; a plain dict, so not in the state dict
+        self.candidates: CandidateSet | None = None
+
+    # -- pieces
+
+    def embed(self, batch):
+        """-> GRU outputs (B, P, H), embeddings (B, P, D), valid lengths (B,)."""
+        hidden, lengths = self.encode(batch.features, batch.lengths, batch.day_indices)
+        return hidden, self.projector(hidden), lengths
+
+    def batch_targets(self, sentences: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [self.targets[s] for s in sentences]
+        lengths = torch.tensor([len(t) for t in seqs], dtype=torch.int64, device=device)
+        padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
+        mask = torch.arange(padded.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        return self.standardize(padded) * mask.unsqueeze(2), lengths  # padding stays zero
+
+    def standardize(self, frames: torch.Tensor) -> torch.Tensor:
+        return (frames - self.target_mean.to(frames.device)) / self.target_std.to(frames.device)
+
+    # -- DecoderModel
+
+    def loss(self, batch):
+        hidden, emb, lengths = self.embed(batch)
+        emb = emb.float()
+        target, target_lengths = self.batch_targets(batch.sentences, emb.device)
+        w, parts = self.p.loss_weights, {}
+        if w.cosine:
+            parts["cosine"] = interpolated_cosine_loss(emb, lengths, target, target_lengths, self.p.align_frames)
+        if w.infonce:
+            distinct = list(dict.fromkeys(batch.sentences))
+            labels = torch.tensor([distinct.index(s) for s in batch.sentences], device=emb.device)
+            first = [batch.sentences.index(s) for s in distinct]
+            pooled_targets = masked_mean(target[first], target_lengths[first])
+            parts["infonce"] = info_nce(masked_mean(emb, lengths), pooled_targets, labels, self.p.infonce_temperature)
+        if self.ctc_head is not None:
+            log_probs = self.ctc_head(hidden).float().log_softmax(-1).transpose(0, 1)
+            parts["ctc"] = F.ctc_loss(log_probs, batch.phoneme_ids, lengths, batch.phoneme_lengths,
+                                      blank=BLANK_ID, reduction="none", zero_infinity=True).mean()
+        total = sum(getattr(w, name) * value for name, value in parts.items())
+        return {"loss": total, **parts}
+
+    def prepare_split(self, split, trials):
+        sentences = list(dict.fromkeys(t.sentence for t in trials if t.sentence))
+        if not sentences:
+            self.candidates = None
+            return
+        standardized = {s: self.standardize(self.targets[s].float()) for s in sentences}
+        self.candidates = build_candidates(sentences, standardized, self.p.align_frames, self.target_mean.device)
+
+    def decode(self, batch):
+        hidden, emb, lengths = self.embed(batch)
+        rows = [{} for _ in range(len(batch))]
+        if self.candidates is not None:
+            scores = similarity(emb, lengths, self.candidates, self.p.retrieval_score)
+            best = scores.argmax(1).tolist()
+            index = self.candidates.index()
+            known = [s in index for s in batch.sentences]
+            true_index = torch.tensor([index.get(s, 0) for s in batch.sentences], device=scores.device)
+            ranks = true_ranks(scores, true_index).tolist()
+            for row, b, rank, ok, score in zip(rows, best, ranks, known, scores.max(1).values.tolist()):
+                row.update(predicted_text=self.candidates.sentences[b], true_rank=rank if ok else None,
+                           retrieval_similarity=round(score, 5))
+        if self.ctc_head is not None:
+            for row, text in zip(rows, greedy_phonemes(self.ctc_head(hidden), lengths)):
+                row["predicted_phonemes"] = text
+        return rows
+
+    def split_metrics(self, split, rows):
+        if self.candidates is None:
+            return {}
+        metrics = retrieval_metrics(rows, len(self.candidates.sentences), n_resamples=self.evaluation.bootstrap_resamples,
+                                    seed=self.evaluation.bootstrap_seed)
+        return {**metrics, "targets": self.target_name}
+
+    def param_group(self, name: str) -> str:
+        """The baseline's three groups: day layers, biases (no decay), the rest."""
+        if name.startswith(("day_weights.", "day_biases.")):
+            return "day"
+        if name.endswith("bias") or ".bias_" in name:
+            return "bias"
+        return "other"
+
+
+def load_targets(params: TargetParams, sentences: list[str], cache_dir: str | Path):
+    """Every sentence's target from the cache (computing the missing ones) -> (dict, maker)."""
+    maker = build_target_maker(params)
+    cache = TargetCache(Path(cache_dir) / "targets", maker)
+    found = cache.get(sentences)
+    log.info("targets %s (dim %d, %.1f frames/s): %d sentences, %d from the cache, %d computed",
+             maker.name, maker.dim, maker.frame_rate, len(sentences), cache.hits, cache.misses)
+    return {s: torch.from_numpy(found[s]).to(torch.float16) for s in sentences}, maker
+
+
+@register_model_constructor()
+def gru_align(params: GRUAlignParams, ctx):
+    if params.n_days < len(ctx.sessions):
+        raise UserError(f"model_params.n_days is {params.n_days} but the run has {len(ctx.sessions)} sessions "
+                        "(use config_setter_name: gru_align_setter to fill it)")
+    if params.loss_weights.cosine <= 0 and params.loss_weights.infonce <= 0:
+        raise UserError("model_params.loss_weights: cosine or infonce must be > 0 (the model aligns nothing otherwise)")
+    splits = {split: [t.sentence for t in trials if t.sentence] for split, trials in ctx.trials.items()}
+    sentences = list(dict.fromkeys(s for split in splits.values() for s in split))
+    targets, maker = load_targets(params.targets, sentences, ctx.cache_dir)
+    stats = None
+    if params.standardize_targets and splits.get("train"):
+        frames = torch.cat([targets[s].float() for s in dict.fromkeys(splits["train"])])
+        stats = frames.mean(0), frames.std(0).clamp(min=1e-3)
+    return GRUAlign(params, targets, maker.dim, maker.name, ctx.config.evaluation, stats)
+
+
+@register_config_setter()
+def gru_align_setter(config, data):
+    config.model_params.n_days = len(data.sessions)
+    config.model_params.n_features = data.n_features
