@@ -69,17 +69,22 @@ class LogMelEncoder:
         self.identity = {**vars(params), "transformers": transformers.__version__}
 
     def __call__(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
-        return [self.encode(w) for w in waveforms]  # one at a time: a batch would pad and change the edges
+        return [self.frames(mel) for mel in self.log_mels(waveforms)]
 
-    def log_mel(self, waveform: np.ndarray) -> np.ndarray:
-        """(n_samples // 160, n_mels) Whisper log-mels of the waveform, no padding, no truncation."""
-        waveform = _at_least(waveform, self.extractor.n_fft)
-        features = self.extractor(waveform, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
+    def log_mels(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
+        """Each waveform's (n_samples // 160, n_mels) Whisper log-mels, in one batched call.
+
+        Half a window of silence is appended to each waveform first, so that the STFT frames at the
+        end of the speech see the same samples whether the batch pads the waveform further or not:
+        a sentence's frames never depend on the other sentences of its batch.
+        """
+        tail = np.zeros(self.extractor.n_fft // 2, np.float32)
+        padded = [np.concatenate([_at_least(w.astype(np.float32), HOP * self.params.pool), tail]) for w in waveforms]
+        features = self.extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
                                   return_tensors="np")["input_features"]
-        return features[0].T.astype(np.float32)
+        return [f[:, : (len(w) - len(tail)) // HOP].T.astype(np.float32) for f, w in zip(features, padded)]
 
-    def encode(self, waveform: np.ndarray) -> np.ndarray:
-        mel = self.log_mel(_at_least(waveform, HOP * self.params.pool))
+    def frames(self, mel: np.ndarray) -> np.ndarray:
         if self.params.normalize != "none":
             mel = mel - mel.mean(axis=0)
             if self.params.normalize == "mean_std":

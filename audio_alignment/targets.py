@@ -44,7 +44,7 @@ from harness.errors import UserError
 from registry import Registry
 
 SAMPLE_RATE = 16_000  # every TTS hands 16 kHz mono float32 audio to the encoders
-TARGET_FORMAT_VERSION = 1  # bump when code here changes the targets without changing any param
+TARGET_FORMAT_VERSION = 2  # bump when code here changes the targets without changing any param
 
 TTS_ENGINES = Registry("TTS engine")
 AUDIO_ENCODERS = Registry("audio encoder")

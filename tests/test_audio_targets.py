@@ -102,8 +102,11 @@ def test_log_mel_frames_cover_the_audio_at_40_ms(mels):
 
 def test_log_mel_pools_whisper_log_mels(mels, espeak):
     (speech,) = espeak([LONG])
-    mel = mels.log_mel(speech)  # (n // 160, 80) Whisper log-mels
+    mel = mels.log_mels([speech])[0]  # (n // 160, 80) Whisper log-mels
     assert mel.shape == (len(speech) // 160, 80)
+    # batched with a longer waveform (more padding): the same frames, to the last one
+    np.testing.assert_allclose(mels.log_mels([speech, np.tile(speech, 3)])[0], mel, atol=1e-5)
+    np.testing.assert_allclose(mels.log_mels([speech[:5000], speech])[0], mels.log_mels([speech[:5000]])[0], atol=1e-5)
     (pooled,) = mels([speech])  # default: no normalisation beyond Whisper's own
     np.testing.assert_allclose(pooled[0], mel[:4].mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pooled[-1], mel[(len(mel) - 1) // 4 * 4:].mean(0), rtol=1e-5, atol=1e-6)
