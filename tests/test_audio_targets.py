@@ -20,6 +20,16 @@ SHORT = "Hello."
 LONG = "The quick brown fox jumps over the lazy dog and then it runs all the way back home again."
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine every op of two threads waits for
+    the slower one (measured: a tiny VITS sentence 60 ms on one thread, 2-4 s on two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def espeak():
     return espeak_ng(EspeakParams(), "cpu")
