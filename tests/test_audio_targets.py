@@ -311,3 +311,20 @@ def test_config_loading_types_the_component_params():
     assert isinstance(params.tts.params, EspeakParams) and params.tts.params.rate == 200
     assert isinstance(params.encoder.params, LogMelParams)
     assert resolve_target_params(params) == params  # idempotent: already typed params pass through
+
+
+def test_precompute_benchmark_runs(tmp_path, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "target_precompute.py"
+    spec = importlib.util.spec_from_file_location("target_precompute", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "figures.json"
+    assert bench.main(["--skip-full", "--sentences", "4", "--repeats", "1", "--json", str(out)]) == 0
+    assert "| espeak_ng+log_mel (80-d) | cpu | float32 | 4 x 1 |" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["end_to_end_per_s"] > 0 and row["read_per_s"] > 0 and row["frames_per_sentence"] > 5
