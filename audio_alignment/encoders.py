@@ -80,8 +80,9 @@ class LogMelEncoder:
         """
         tail = np.zeros(self.extractor.n_fft // 2, np.float32)
         padded = [np.concatenate([_at_least(w.astype(np.float32), HOP * self.params.pool), tail]) for w in waveforms]
-        features = self.extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
-                                  return_tensors="np")["input_features"]
+        with _one_torch_thread():
+            features = self.extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
+                                      return_tensors="np")["input_features"]
         return [f[:, : (len(w) - len(tail)) // HOP].T.astype(np.float32) for f, w in zip(features, padded)]
 
     def frames(self, mel: np.ndarray) -> np.ndarray:
@@ -205,6 +206,20 @@ class Qwen2AudioTargets:
 def qwen2_audio(params: Qwen2AudioParams, device: str) -> Qwen2AudioTargets:
     """Qwen2AudioEncoder.from_pretrained(params.model), frozen, eval mode, no gradients."""
     return Qwen2AudioTargets(params, device)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """The STFT of a few seconds of audio is too small to share between threads: on the busy 2-core
+    machine one thread made log_mel several times faster than two (BENCHMARKS.md, "Target precompute")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ audio) and together (what TargetMaker.__call__ does), in batches of --batch-size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -91,6 +93,27 @@ def time_cache(maker: TargetMaker, sentences: list[str], repeats: int) -> dict:
     return {"fill_per_s": statistics.median(fill), "read_per_s": statistics.median(read)}
 
 
+def time_log_mel_threads(maker: TargetMaker, sentences: list[str], repeats: int) -> dict:
+    """Ablation: log_mel as shipped (its feature extraction on one torch thread) against the same
+    code on torch's thread count, interleaved repeat by repeat on the same audio."""
+    from audio_alignment import encoders
+
+    waveforms = maker.tts(sentences)
+    batches = [waveforms[i:i + maker.batch_size] for i in range(0, len(waveforms), maker.batch_size)]
+    rates: dict[str, list[float]] = {"one": [], "all": []}
+    for _ in range(repeats):
+        for variant in rates:
+            context = encoders._one_torch_thread if variant == "one" else contextlib.nullcontext
+            with mock.patch.object(encoders, "_one_torch_thread", context):
+                start = time.perf_counter()
+                for batch in batches:
+                    maker.encoder(batch)
+                rates[variant].append(len(sentences) / (time.perf_counter() - start))
+    one, all_threads = statistics.median(rates["one"]), statistics.median(rates["all"])
+    return {"threads": torch.get_num_threads(), "one_thread_per_s": one, "all_threads_per_s": all_threads,
+            "ratio": one / all_threads}
+
+
 def full_size_maker(folder: Path, device: str, dtype: str, batch_size: int, speaking_rate: float = 1.0) -> TargetMaker:
     params = TargetParams(tts={"name": "mms_tts", "params": {"model": str(folder / "vits"), "speaking_rate": speaking_rate}},
                           encoder={"name": "qwen2_audio", "params": {"model": str(folder / "qwen2_audio"), "dtype": dtype}},
@@ -127,11 +150,11 @@ def table(rows: list[dict]) -> str:
              "TTS sentences/s | encoder sentences/s | end to end sentences/s | cache fill sentences/s | "
              "cache read sentences/s |", "|" + "---|" * 11]
     for r in rows:
-        fill = f"{r['fill_per_s']:.1f}" if "fill_per_s" in r else "-"
+        fill = f"{r['fill_per_s']:.3g}" if "fill_per_s" in r else "-"
         read = f"{r['read_per_s']:.0f}" if "read_per_s" in r else "-"
         lines.append(f"| {r['targets']} ({r['dim']}-d) | {r['device']} | {r['dtype']} | {r['sentences']} x {r['repeats']} | "
-                     f"{r['audio_s_per_sentence']:.2f} | {r['frames_per_sentence']:.1f} | {r['tts_per_s']:.2f} | "
-                     f"{r['encoder_per_s']:.2f} | {r['end_to_end_per_s']:.2f} | {fill} | {read} |")
+                     f"{r['audio_s_per_sentence']:.2f} | {r['frames_per_sentence']:.1f} | {r['tts_per_s']:.3g} | "
+                     f"{r['encoder_per_s']:.3g} | {r['end_to_end_per_s']:.3g} | {fill} | {read} |")
     return "\n".join(lines)
 
 
@@ -160,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
            "device": "cpu", "dtype": "float32"}
     rows.append(row)
     print(table(rows), flush=True)
+    threads = None
+    if torch.get_num_threads() > 1:
+        threads = time_log_mel_threads(offline, sentences, args.repeats)
+        print(f"log_mel encoder alone: one torch thread (as shipped) {threads['one_thread_per_s']:.1f} sentences/s, "
+              f"{threads['threads']} threads {threads['all_threads_per_s']:.1f} sentences/s: "
+              f"{threads['ratio']:.2f}x (interleaved, median of {args.repeats})", flush=True)
 
     if not args.skip_full:
         few = corpus(args.full_sentences, seed=1)
@@ -181,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(args.device), "date": str(datetime.date.today()),
-                                         "rows": rows}, indent=2))
+                                         "rows": rows, "log_mel_threads": threads}, indent=2))
     return 0
 
 
