@@ -64,10 +64,11 @@ class GRUAlign(GRUEncoder, DecoderModel):
     target_mean, and ctc_head.* when the CTC weight is > 0. The targets themselves stay in the
     cache, not in checkpoints."""
 
-    def __init__(self, p: GRUAlignParams, targets: dict[str, torch.Tensor], target_dim: int, target_name: str,
-                 evaluation: EvaluationParams, target_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, p: GRUAlignParams, targets: "TargetStore", evaluation: EvaluationParams,
+                 target_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__(p)
-        self.p, self.target_name, self.evaluation = p, target_name, evaluation
+        self.p, self.evaluation = p, evaluation
+        self.target_name, target_dim = targets.name, targets.dim
         self.min_time_steps = p.patch_size  # shorter trials give no output frame
         if p.projector_hidden > 0:
             self.projector = nn.Sequential(nn.Linear(p.n_units, p.projector_hidden), nn.GELU(),
@@ -78,7 +79,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
         mean, std = target_stats if target_stats is not None else (torch.zeros(target_dim), torch.ones(target_dim))
         self.register_buffer("target_mean", mean)  # standardisation of the targets, saved with the weights
         self.register_buffer("target_std", std)
-        self.targets = targets  # sentence -> (T, D) float16 on CPU; a plain dict, so not in the state dict
+        self.targets = targets  # not a module: the targets stay out of the state dict
         self.candidates: CandidateSet | None = None
 
     # -- pieces
@@ -89,7 +90,8 @@ class GRUAlign(GRUEncoder, DecoderModel):
         return hidden, self.projector(hidden), lengths
 
     def batch_targets(self, sentences: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = [self.targets[s] for s in sentences]
+        found = self.targets.get(sentences)
+        seqs = [found[s] for s in sentences]
         lengths = torch.tensor([len(t) for t in seqs], dtype=torch.int64, device=device)
         padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
         mask = torch.arange(padded.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -125,7 +127,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
         if not sentences:
             self.candidates = None
             return
-        standardized = {s: self.standardize(self.targets[s].float()) for s in sentences}
+        standardized = {s: self.standardize(t.float()) for s, t in self.targets.get(sentences).items()}
         self.candidates = build_candidates(sentences, standardized, self.p.align_frames, self.target_mean.device)
 
     def decode(self, batch):
@@ -162,14 +164,25 @@ class GRUAlign(GRUEncoder, DecoderModel):
         return "other"
 
 
-def load_targets(params: TargetParams, sentences: list[str], cache_dir: str | Path):
-    """Every sentence's target from the cache (computing the missing ones) -> (dict, maker)."""
-    maker = build_target_maker(params)
-    cache = TargetCache(Path(cache_dir) / "targets", maker)
-    found = cache.get(sentences)
-    log.info("targets %s (dim %d, %.1f frames/s): %d sentences, %d from the cache, %d computed",
-             maker.name, maker.dim, maker.frame_rate, len(sentences), cache.hits, cache.misses)
-    return {s: torch.from_numpy(found[s]).to(torch.float16) for s in sentences}, maker
+class TargetStore:
+    """Every sentence's target frames, held in memory (float16, CPU) after the first request; the
+    ones not held yet come from the on-disk cache, which computes what it lacks."""
+
+    def __init__(self, params: TargetParams, cache_dir: str | Path):
+        self.maker = build_target_maker(params)
+        self.cache = TargetCache(Path(cache_dir) / "targets", self.maker)
+        self.name, self.dim = self.maker.name, self.maker.dim
+        self.frames: dict[str, torch.Tensor] = {}
+
+    def get(self, sentences: list[str]) -> dict[str, torch.Tensor]:
+        missing = [s for s in dict.fromkeys(sentences) if s not in self.frames]
+        if missing:
+            hits, misses = self.cache.hits, self.cache.misses
+            for s, frames in self.cache.get(missing).items():
+                self.frames[s] = torch.from_numpy(frames).to(torch.float16)
+            log.info("targets %s (dim %d, %.1f frames/s): %d sentences, %d from the cache, %d computed", self.name,
+                     self.dim, self.maker.frame_rate, len(missing), self.cache.hits - hits, self.cache.misses - misses)
+        return {s: self.frames[s] for s in sentences}
 
 
 @register_model_constructor()
@@ -181,12 +194,13 @@ def gru_align(params: GRUAlignParams, ctx):
         raise UserError("model_params.loss_weights: cosine or infonce must be > 0 (the model aligns nothing otherwise)")
     splits = {split: [t.sentence for t in trials if t.sentence] for split, trials in ctx.trials.items()}
     sentences = list(dict.fromkeys(s for split in splits.values() for s in split))
-    targets, maker = load_targets(params.targets, sentences, ctx.cache_dir)
-    stats = None
+    targets = TargetStore(params.targets, ctx.cache_dir)
+    found = targets.get(sentences)  # all at once: one progress bar, and training never waits for speech
+    stats = None  # without training trials (evaluate), the checkpoint's buffers bring the statistics
     if params.standardize_targets and splits.get("train"):
-        frames = torch.cat([targets[s].float() for s in dict.fromkeys(splits["train"])])
+        frames = torch.cat([found[s].float() for s in dict.fromkeys(splits["train"])])
         stats = frames.mean(0), frames.std(0).clamp(min=1e-3)
-    return GRUAlign(params, targets, maker.dim, maker.name, ctx.config.evaluation, stats)
+    return GRUAlign(params, targets, ctx.config.evaluation, stats)
 
 
 @register_config_setter()
