@@ -19,7 +19,7 @@ over --repeats of sentences / seconds; stages are timed separately (TTS, then th
 audio) and together (what TargetMaker.__call__ does), in batches of --batch-size.
 
     .venv/bin/python benchmarks/target_precompute.py                      # CPU, about 4 min on 2 cores
-    .venv/bin/python benchmarks/target_precompute.py --skip-full          # offline default only, ~30 s
+    .venv/bin/python benchmarks/target_precompute.py --skip-full          # offline default only, about 45 s
     .venv/bin/python benchmarks/target_precompute.py --device cuda --dtype bfloat16 --full-sentences 64
 """
 
