@@ -139,11 +139,12 @@ class EspeakParams:
     rate: int = 175  # words per minute, 80-450
     pitch: int = 50  # base pitch, 0-100
     word_gap: int = 0  # extra pause between words, in 10 ms units at the default rate
-    seed: int = 0  # espeak's noise generator, so the same sentence always gives the same audio
+    seed: int = 0  # espeak's own noise generator (breath and Klatt voices), fixed per sentence
 
 
 class EspeakTTS:
-    """espeak-ng formant speech (not a neural voice: robotic, but intelligible and deterministic)."""
+    """espeak-ng formant speech: not a neural voice (robotic, but intelligible); with a flutter-free
+    voice such as the default, the same sentence always gives the same samples."""
 
     name = "espeak_ng"
 
@@ -152,7 +153,7 @@ class EspeakTTS:
         engine = _Espeak.get()
         voice, _, variant = params.voice.partition("+")
         voices, variants = espeak_voice_names(engine.data_path)
-        with engine.lock:
+        with _Espeak.lock:
             known_voice = engine.set_voice(voice)
         if not known_voice:
             raise UserError(_unknown("voice", voice, voices, Path(engine.data_path) / "lang"))
