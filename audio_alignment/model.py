@@ -6,8 +6,9 @@ sentence -> TTS -> audio encoder -> (T, target dim), precomputed once per senten
 
 Losses (weights in `loss_weights`): the interpolated frame-wise cosine of the original design,
 sentence-level InfoNCE across the batch, and an optional auxiliary CTC head over the 41 phoneme
-classes. Evaluation ranks every sentence of the split by similarity (retrieval.py); with the CTC
-head on, the run also reports phonemes (PER).
+classes. Evaluation ranks every sentence of the split by similarity (retrieval.py) and writes the
+best as the trial's text; with the CTC head on, the run also reports phonemes (PER) and, through a
+word decoder of the CTC baseline, words (`text_source: ctc_words` makes those the predicted text).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from audio_alignment.cache import TargetCache
 from audio_alignment.losses import info_nce, interpolated_cosine_loss, masked_mean
 from audio_alignment.retrieval import CandidateSet, build_candidates, retrieval_metrics, similarity, true_ranks
 from audio_alignment.targets import TargetParams, build_target_maker
-from ctc_baseline.model import greedy_phonemes
+from ctc_baseline.model import greedy_phonemes, training_sentences
+from ctc_baseline.word_decoding import NoWords, WordDecoderSpec, build_word_decoder, log_softmax_cpu
 from gru_decoder import GRUEncoder, GRUEncoderParams
 from config import EvaluationParams
 from harness.errors import UserError
@@ -57,6 +59,10 @@ class GRUAlignParams(GRUEncoderParams):
     loss_weights: LossWeights = field(default_factory=LossWeights)
     infonce_temperature: float = 0.1
     retrieval_score: Literal["sequence", "pooled", "both"] = "both"
+    # With the CTC head (loss_weights.ctc > 0): phonemes -> words through the CTC baseline's decoders
+    # (greedy writes no words), and which text goes in `predicted_text` (the other goes in its own column).
+    word_decoder: WordDecoderSpec = field(default_factory=WordDecoderSpec)
+    text_source: Literal["retrieval", "ctc_words"] = "retrieval"
 
 
 class GRUAlign(GRUEncoder, DecoderModel):
@@ -65,7 +71,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
     cache, not in checkpoints."""
 
     def __init__(self, p: GRUAlignParams, targets: "TargetStore", evaluation: EvaluationParams,
-                 target_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 target_stats: tuple[torch.Tensor, torch.Tensor] | None = None, word_decoder=None):
         super().__init__(p)
         self.p, self.evaluation = p, evaluation
         self.target_name, target_dim = targets.name, targets.dim
@@ -76,6 +82,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
         else:
             self.projector = nn.Linear(p.n_units, target_dim)
         self.ctc_head = nn.Linear(p.n_units, N_CLASSES) if p.loss_weights.ctc > 0 else None
+        self.word_decoder = word_decoder or NoWords()
         mean, std = target_stats if target_stats is not None else (torch.zeros(target_dim), torch.ones(target_dim))
         self.register_buffer("target_mean", mean)  # standardisation of the targets, saved with the weights
         self.register_buffer("target_std", std)
@@ -141,19 +148,26 @@ class GRUAlign(GRUEncoder, DecoderModel):
             true_index = torch.tensor([index.get(s, 0) for s in batch.sentences], device=scores.device)
             ranks = true_ranks(scores, true_index).tolist()
             for row, b, rank, ok, score in zip(rows, best, ranks, known, scores.max(1).values.tolist()):
-                row.update(predicted_text=self.candidates.sentences[b], true_rank=rank if ok else None,
+                row.update(retrieved_text=self.candidates.sentences[b], true_rank=rank if ok else None,
                            retrieval_similarity=round(score, 5))
         if self.ctc_head is not None:
-            for row, text in zip(rows, greedy_phonemes(self.ctc_head(hidden), lengths)):
-                row["predicted_phonemes"] = text
+            logits = self.ctc_head(hidden)
+            words = self.word_decoder.decode(log_softmax_cpu(logits), lengths.cpu())
+            for row, phonemes, text in zip(rows, greedy_phonemes(logits, lengths), words):
+                row.update(predicted_phonemes=phonemes, ctc_text=text)
+        source = "retrieved_text" if self.p.text_source == "retrieval" else "ctc_text"
+        for row in rows:
+            row["predicted_text"] = row.pop(source, None)
         return rows
 
     def split_metrics(self, split, rows):
-        if self.candidates is None:
-            return {}
-        metrics = retrieval_metrics(rows, len(self.candidates.sentences), n_resamples=self.evaluation.bootstrap_resamples,
-                                    seed=self.evaluation.bootstrap_seed)
-        return {**metrics, "targets": self.target_name}
+        metrics = {"targets": self.target_name, "text_source": self.p.text_source}
+        if self.ctc_head is not None:
+            metrics.update(self.word_decoder.split_metrics(rows))
+        if self.candidates is not None:
+            metrics.update(retrieval_metrics(rows, len(self.candidates.sentences), seed=self.evaluation.bootstrap_seed,
+                                             n_resamples=self.evaluation.bootstrap_resamples))
+        return metrics
 
     def param_group(self, name: str) -> str:
         """The baseline's three groups: day layers, biases (no decay), the rest."""
@@ -192,6 +206,9 @@ def gru_align(params: GRUAlignParams, ctx):
                         "(use config_setter_name: gru_align_setter to fill it)")
     if params.loss_weights.cosine <= 0 and params.loss_weights.infonce <= 0:
         raise UserError("model_params.loss_weights: cosine or infonce must be > 0 (the model aligns nothing otherwise)")
+    if params.text_source == "ctc_words" and (params.loss_weights.ctc <= 0 or params.word_decoder.name == "greedy"):
+        raise UserError("model_params.text_source: ctc_words needs the CTC head (loss_weights.ctc > 0) and a word "
+                        "decoder that writes words (model_params.word_decoder.name, e.g. lexicon_ngram)")
     splits = {split: [t.sentence for t in trials if t.sentence] for split, trials in ctx.trials.items()}
     sentences = list(dict.fromkeys(s for split in splits.values() for s in split))
     targets = TargetStore(params.targets, ctx.cache_dir)
@@ -200,7 +217,10 @@ def gru_align(params: GRUAlignParams, ctx):
     if params.standardize_targets and splits.get("train"):
         frames = torch.cat([found[s].float() for s in dict.fromkeys(splits["train"])])
         stats = frames.mean(0), frames.std(0).clamp(min=1e-3)
-    return GRUAlign(params, targets, ctx.config.evaluation, stats)
+    words = None
+    if params.loss_weights.ctc > 0 and params.word_decoder.name != "greedy":
+        words = build_word_decoder(params.word_decoder, training_sentences(ctx), ctx.cache_dir)
+    return GRUAlign(params, targets, ctx.config.evaluation, stats, words)
 
 
 @register_config_setter()

@@ -93,6 +93,5 @@ def retrieval_metrics(rows: list[dict], n_candidates: int, n_resamples: int, see
         **summary(ranked),
         "n_candidates": n_candidates,
         "retrieval_chance_top1": 1 / n_candidates if n_candidates else None,
-        "text_source": "retrieval",
         "retrieval_by_session": {s: summary(rs) for s, rs in sorted(by_session.items())},
     }

@@ -103,4 +103,3 @@ def test_retrieval_metrics_overall_and_per_session():
     assert 0 <= lo <= 0.5 <= hi <= 1
     assert m["retrieval_by_session"]["s1"]["retrieval_top1"] == 0.5
     assert m["retrieval_by_session"]["s2"]["retrieval_top10"] == 0.5
-    assert m["text_source"] == "retrieval"

@@ -15,6 +15,7 @@ from config import EvaluationParams
 from harness import runner
 from harness.batching import Batch
 from harness.data import Trial
+from harness.errors import UserError
 from tests.conftest import REPO_ROOT
 from tests.test_audio_targets import qwen2_folders, tiny_vits  # noqa: F401  (fixtures)
 
@@ -72,6 +73,16 @@ def test_padding_never_enters_the_loss_or_the_retrieval_scores(pack):
     assert [r["true_rank"] for r in ra] == [r["true_rank"] for r in rb]
     assert [r["retrieval_similarity"] for r in ra] == [r["retrieval_similarity"] for r in rb]
     assert all(r["predicted_text"] in sentences and r["predicted_phonemes"] is not None for r in ra)
+    assert all(r["ctc_text"] is None for r in ra)  # the greedy word decoder writes no words
+
+
+def test_ctc_words_as_text_needs_the_head_and_a_word_decoder(small_dataset):
+    from config import load_config
+
+    config = load_config(CONFIGS / "tiny.yml", [f"data_params.data_dir={small_dataset}",
+                                                 "model_params.n_days=1", "model_params.text_source=ctc_words"])
+    with pytest.raises(UserError, match="ctc_words needs the CTC head"):
+        runner.build_model(config, ["a"], {"train": []}, torch.device("cpu"))
 
 
 def test_no_ctc_head_unless_weighted_and_param_groups():
