@@ -8,11 +8,13 @@ checkpoint loads as it is.
 Two departures from the reference code, both exact in the math:
 - the day layer groups the batch by session and does one matmul per session present, instead of
   stacking a (C, C) weight copy per trial and calling einsum;
-- with `pack_sequences` the GRU skips the padded steps: on CPU through `packed_gru` (the same
-  nn.GRU parameters; ATen's packed CPU backward is slow), on CUDA as a PackedSequence through nn.GRU
-  (cuDNN). The GRU is unidirectional, so every output inside a trial's valid length is unchanged;
-  outputs past it are zeros instead of the values the reference computes over padding (nothing
-  reads them).
+- with `pack_sequences` nothing is computed for padding: the day layer runs on the input bins that
+  valid patches read, only valid patches are built, and the GRU runs over the valid steps only (on
+  CPU through `packed_gru`'s layer loop, on CUDA through nn.GRU on a PackedSequence, cuDNN). The GRU
+  is unidirectional, so every output inside a trial's valid length is unchanged; outputs past it are
+  zeros instead of the values the reference computes over padding (nothing reads them). In training
+  the dropout masks are drawn for fewer elements, so for one seed they differ from the padded path's
+  (same distribution).
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from gru_decoder.packed_gru import packed_gru
+from gru_decoder.packed_gru import gru_over_packed, packing, unpack
 
 
 @dataclass
@@ -79,10 +80,14 @@ class GRUEncoder(nn.Module):
 
         self.h0 = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(1, 1, p.n_units)))
 
-    def day_layer(self, x: torch.Tensor, day_indices: torch.Tensor) -> torch.Tensor:
-        """x @ W[day] + b[day] per trial, one matmul per session present in the batch."""
+    def day_layer(self, x: torch.Tensor, day_indices: torch.Tensor, days: list[int] | None = None) -> torch.Tensor:
+        """x @ W[day] + b[day] per row of x (a trial, or one bin), one matmul per session.
+
+        days: the sessions to run (default: those in day_indices). One without rows still enters the
+        graph, so its weights get a zero gradient (as in the padded path) rather than none, which
+        AdamW would treat differently (it skips parameters without a gradient)."""
         rows, parts = [], []
-        for day in torch.unique(day_indices).tolist():
+        for day in torch.unique(day_indices).tolist() if days is None else days:
             index = torch.nonzero(day_indices == day).squeeze(1)
             rows.append(index)
             parts.append(x[index] @ self.day_weights[day] + self.day_biases[day])
@@ -94,19 +99,37 @@ class GRUEncoder(nn.Module):
 
     def encode(self, features: torch.Tensor, lengths: torch.Tensor, day_indices: torch.Tensor):
         """features (B, T, C) zero padded -> (GRU outputs (B, P, n_units), valid lengths (B,))."""
+        if self.pack_sequences:
+            return self.encode_packed(features, lengths, day_indices)
         x = self.day_layer_dropout(self.day_layer_activation(self.day_layer(features, day_indices)))
         x = patchify(x, self.patch_size, self.patch_stride)
-        out_lengths = self.output_lengths(lengths)
         h0 = self.h0.expand(self.n_layers, x.shape[0], self.n_units).contiguous()
-        if not self.pack_sequences:
-            return self.gru(x, h0)[0], out_lengths
-        if x.device.type == "cpu":
-            return packed_gru(self.gru, x, out_lengths, h0), out_lengths
-        # CUDA: nn.GRU on a PackedSequence (cuDNN's packed kernels). pack_padded_sequence refuses empty
-        # sequences; a trial cut below one patch runs one step that nothing reads (its valid length stays 0).
-        packed = pack_padded_sequence(x, out_lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        h, _ = pad_packed_sequence(self.gru(packed, h0)[0], batch_first=True, total_length=x.shape[1])
-        return h, out_lengths
+        return self.gru(x, h0)[0], self.output_lengths(lengths)
+
+    def encode_packed(self, features: torch.Tensor, lengths: torch.Tensor, day_indices: torch.Tensor):
+        """As encode, computing only what valid outputs read (outputs past each valid length are zeros)."""
+        B, T, C = features.shape
+        size, stride, device = self.patch_size, self.patch_stride, features.device
+        n_patches = max(0, (T - size) // stride + 1)
+        out_lengths = self.output_lengths(lengths)
+        pack = packing(out_lengths, n_patches, device)
+        if not pack.batch_sizes:  # no trial reaches one patch
+            return features.new_zeros(B, n_patches, self.n_units), out_lengths
+        # The input bins that valid patches read: each trial's first (n - 1) * stride + size bins.
+        n_bins = torch.where(out_lengths > 0, (out_lengths - 1) * stride + size, 0)
+        needed = (torch.arange(T, device=device)[None, :] < n_bins.to(device)[:, None]).flatten()
+        bins = torch.nonzero(needed).squeeze(1)  # flat b * T + t
+        x = self.day_layer(features.reshape(B * T, C).index_select(0, bins), day_indices.to(device)[bins // T],
+                           days=torch.unique(day_indices).tolist())
+        x = self.day_layer_dropout(self.day_layer_activation(x))  # (bins, C)
+        # Each packed row's patch straight from those bins, in patchify's order (time in patch, then channel).
+        row_of_bin = needed.cumsum(0) - 1
+        first_bin = (pack.frames // n_patches) * T + (pack.frames % n_patches) * stride
+        patch_rows = row_of_bin[first_bin[:, None] + torch.arange(size, device=device)]  # (N, size)
+        data = x.index_select(0, patch_rows.flatten()).view(-1, size * C)
+        h0 = self.h0.expand(self.n_layers, B, self.n_units)
+        h = gru_over_packed(self.gru, data, pack, h0, via_nn_gru=device.type != "cpu")
+        return unpack(h, pack), out_lengths
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor, day_indices: torch.Tensor):
         return self.encode(features, lengths, day_indices)

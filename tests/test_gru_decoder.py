@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gru_decoder import GRUEncoder, GRUEncoderParams, output_lengths, patchify
-from gru_decoder.packed_gru import _PackedGRULayer, packed_gru
+from gru_decoder.packed_gru import _PackedGRULayer, gru_over_packed, packed_gru, packing, unpack
 
 SMALL = dict(n_days=3, n_features=8, n_units=12, n_layers=2, patch_size=5, patch_stride=2)
 
@@ -136,6 +136,21 @@ def test_packed_gru_gradients_equal_nn_gru_gradients():
     assert got[0][2].abs().sum() == 0 and got[1][:, 2].abs().sum() == 0  # the empty sequence is untouched
 
 
+def test_nn_gru_route_for_cuda_gives_the_same_rows_and_gradients():
+    # The CUDA path hands the same packed rows to nn.GRU as a PackedSequence; here it runs on CPU.
+    gru = small_gru().eval()
+    x, lengths, h0, _ = padded_inputs()
+    pack = packing(lengths, x.shape[1])
+    assert pack.batch_sizes == [5, 4, 4, 4, 4, 3, 3, 2, 2] and pack.order.tolist()[:2] == [1, 5]
+    data = x.reshape(-1, 6).index_select(0, pack.frames)
+    rows = [gru_over_packed(gru, data, pack, h0, via_nn_gru=via) for via in (False, True)]
+    torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=1e-6)
+    grads = [torch.autograd.grad(r.pow(2).sum(), [x, h0, gru.weight_hh_l1], retain_graph=True) for r in rows]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(unpack(rows[0], pack), packed_gru(gru, x, lengths, h0))
+
+
 def test_packed_gru_with_no_valid_step_gives_zeros():
     gru = small_gru().eval()
     x, lengths, h0, _ = padded_inputs(lengths=[0, 0])
@@ -180,7 +195,7 @@ def test_packed_gru_drops_out_between_layers_like_nn_gru():
 def test_encoder_packed_path_keeps_the_state_dict_and_the_gradients():
     x = torch.randn(4, 30, 8)
     lengths = torch.tensor([17, 30, 4, 9])  # unsorted; the third gives 0 valid outputs
-    days = torch.tensor([1, 0, 2, 1])
+    days = torch.tensor([1, 0, 2, 1])  # session 2 only in that trial: a zero gradient, not none, on both paths
     x[torch.arange(30)[None, :] >= lengths[:, None]] = 0
     packed, padded = small_encoder(pack_sequences=True), small_encoder(pack_sequences=False)
     assert list(packed.state_dict()) == list(padded.state_dict())  # gru.weight_ih_l0 ... as nn.GRU's
