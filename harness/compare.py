@@ -76,18 +76,30 @@ def _unique(paths: list[Path]) -> list[Path]:
 # --------------------------------------------------------------------------- same data?
 
 
-def _fingerprint(run: Run) -> tuple[str | None, str | None]:
-    fp = run.meta.get("data_fingerprint") or {}
-    return fp.get("keys_hash"), fp.get("content_hash")
+def _fingerprint(run: Run) -> dict:
+    return run.meta.get("data_fingerprint") or {}
+
+
+def _same_hashes(keys_a, keys_b, features_a, features_b) -> bool:
+    """Same trial keys and labels; same features too where both runs hashed them (features are
+    hashed only when preloaded, so a hash missing on one side is not a difference)."""
+    if keys_a is None or keys_a != keys_b:
+        return False
+    return features_a is None or features_b is None or features_a == features_b
 
 
 def _same_data(a: Run, b: Run) -> bool:
-    """Same trial keys and labels; same features too where both runs hashed them (a content hash
-    exists only for preloaded features, so its absence on one side is not a difference)."""
-    (keys_a, content_a), (keys_b, content_b) = _fingerprint(a), _fingerprint(b)
-    if keys_a is None or keys_a != keys_b:
-        return False
-    return content_a is None or content_b is None or content_a == content_b
+    """Runs read the same data when every split both read is the same (a run that also decoded
+    test, or an `evaluate` run that read one split, still matches). Fingerprints from before
+    meta.json had per-split hashes are compared whole."""
+    fp_a, fp_b = _fingerprint(a), _fingerprint(b)
+    by_a, by_b = fp_a.get("by_split"), fp_b.get("by_split")
+    if by_a and by_b:
+        shared = set(by_a) & set(by_b)
+        return bool(shared) and all(
+            _same_hashes(by_a[s].get("keys_hash"), by_b[s].get("keys_hash"),
+                         by_a[s].get("features_hash"), by_b[s].get("features_hash")) for s in shared)
+    return _same_hashes(fp_a.get("keys_hash"), fp_b.get("keys_hash"), fp_a.get("content_hash"), fp_b.get("content_hash"))
 
 
 def data_groups(runs: list[Run]) -> list[list[Run]]:
@@ -108,7 +120,7 @@ def _describe(groups: list[list[Run]]) -> str:
         return shown + (f" and {len(group) - 3} more" if len(group) > 3 else "")
 
     def data(group):
-        keys = _fingerprint(group[0])[0]
+        keys = _fingerprint(group[0]).get("keys_hash")
         return f"data {keys[:8]}" if keys else "no fingerprint"
 
     return " vs ".join(f"{names(g)} ({data(g)})" for g in groups)
@@ -299,10 +311,11 @@ def paired_markdown(pairs: list[dict]) -> str:
     return _table(header, body)
 
 
-def _shown_output(run: Run, split: str) -> str:
-    """Which prediction a run's examples show: its text if it writes any, else its phonemes."""
-    has_text = any((row.get("predicted_text") or "").strip() for row in run.rows if row.get("split") == split)
-    return "text" if has_text else "phonemes"
+def _outputs(run: Run, split: str) -> list[str]:
+    """What a run's examples show: "text" and/or "phonemes", whichever it predicted on the split."""
+    kinds = [kind for kind in ("text", "phonemes") if any(
+        (row.get(f"predicted_{kind}") or "").strip() for row in run.rows if row.get("split") == split)]
+    return kinds or ["text"]  # predicted nothing at all: show the (empty) text
 
 
 def _trial_rate(run: Run, row: dict, metric: str) -> float | None:
@@ -318,7 +331,7 @@ def examples_markdown(runs: list[Run], split: str) -> str:
     joined = [k for k in keyed[0] if all(k in rows for rows in keyed[1:])]
     if not joined:
         return "No trial of this split was decoded by every run.\n"
-    shown = {run.name: _shown_output(run, split) for run in runs}
+    shown = [_outputs(run, split) for run in runs]
     metric = next((m for m in ("wer", "cer", "per") if all(
         _trial_rate(run, rows[k], m) is not None for run, rows in zip(runs, keyed) for k in joined)), None)
     disagree = []
@@ -342,15 +355,15 @@ def examples_markdown(runs: list[Run], split: str) -> str:
         reference = keyed[0][key]
         trial = f"{key[1]} block {key[2]} trial {key[3]}"
         body.append([trial, "reference", reference.get("reference_text", ""), ""])
-        if "phonemes" in shown.values():
+        if any("phonemes" in kinds for kinds in shown):
             body.append(["", "reference phonemes", reference.get("reference_phonemes", ""), ""])
-        for run, rows in zip(runs, keyed):
-            row = rows[key]
-            kind = shown[run.name]
-            own = "wer" if kind == "text" else "per"
-            values = _metric_values(run, row, own)
-            errors = f"{values[0]:g}/{values[1]:g} {LABELS[own]}" if values else "-"
-            body.append(["", run.name, row.get(f"predicted_{kind}", ""), errors])
+        for run, rows, kinds in zip(runs, keyed, shown):
+            for kind in kinds:
+                own = "wer" if kind == "text" else "per"
+                values = _metric_values(run, rows[key], own)
+                errors = f"{values[0]:g}/{values[1]:g} {LABELS[own]}" if values else "-"
+                source = run.name + (f" ({kind})" if len(kinds) > 1 else "")
+                body.append(["", source, rows[key].get(f"predicted_{kind}") or "*(empty)*", errors])
     return note + "\n\n" + _table(["trial", "source", "sentence", "errors"], body)
 
 
@@ -360,9 +373,13 @@ def render_report(runs, table, pairs, images, splits, unfinished, groups) -> str
         parts.append(f"**Warning: compared with --force although the runs read different data: {_describe(groups)}. "
                      "Differences below mix decoders and data.**\n")
     else:
-        fp = runs[0].meta.get("data_fingerprint") or {}
-        parts.append(f"{len(runs)} finished run{'s' if len(runs) > 1 else ''} on the same data ({len(fp.get('sessions', []))} sessions, "
-                     f"trials per split {fp.get('n_trials')}, keys hash {str(fp.get('keys_hash'))[:8]}).\n")
+        sessions, n_trials = set(), {}
+        for run in runs:
+            sessions.update(_fingerprint(run).get("sessions") or [])
+            n_trials.update(_fingerprint(run).get("n_trials") or {})
+        read = ", ".join(f"{n} {split}" for split, n in n_trials.items())
+        parts.append(f"{len(runs)} finished run{'s' if len(runs) > 1 else ''} on the same data "
+                     f"({len(sessions)} sessions; trials read: {read}).\n")
     if unfinished:
         parts.append("Unfinished runs (no `DONE`), left out:\n\n" + "".join(f"- `{d}`\n" for d in unfinished))
     parts.append("## Error rates\n\nSummed ratios over each split with 95% bootstrap CIs (percent); "

@@ -12,11 +12,24 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from harness import results
 from harness.metrics import METRICS
 
 LABELS = {"per": "PER", "wer": "WER", "cer": "CER"}
+
+
+def _color(i: int) -> str:
+    """The i-th run's colour in every panel (the default cycle restarts per panel, so a run missing
+    from one panel would shift the colours of the others)."""
+    return f"C{i % 10}"
+
+
+def _legend(fig: Figure, labels: list[str]) -> None:
+    """One legend for the whole figure with every run, whichever panels it appears in."""
+    handles = [Line2D([], [], color=_color(i), marker="o", label=label) for i, label in enumerate(labels)]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -38,31 +51,31 @@ def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Pa
     sessions = sorted({s for _, entry in runs for s in (entry.get("by_session") or {})})
     groups = ["all"] + sessions
     width = min(24.0, max(6.0, 0.3 * len(groups) * (1 + 0.15 * len(runs)) + 2))  # 45 real sessions fit
-    fig = Figure(figsize=(width, 2.8 * len(metrics) + 0.8))
+    fig = Figure(figsize=(width, 2.8 * len(metrics) + 0.8), layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)[:, 0]
     offsets = np.linspace(-0.3, 0.3, len(runs)) if len(runs) > 1 else np.zeros(1)
     for ax, metric in zip(axes, metrics):
-        for (label, entry), offset in zip(runs, offsets):
+        for i, ((label, entry), offset) in enumerate(zip(runs, offsets)):
             xs, ys, lo, hi = [], [], [], []
-            for i, group in enumerate(groups):
+            for position, group in enumerate(groups):
                 values = entry if group == "all" else (entry.get("by_session") or {}).get(group) or {}
                 value = values.get(metric)
                 if value is None:
                     continue
                 ci = values.get(f"{metric}_ci") or [value, value]
-                xs.append(i + offset)
+                xs.append(position + offset)
                 ys.append(value)
                 lo.append(value - ci[0])
                 hi.append(ci[1] - value)
             if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", markersize=4, capsize=2, label=label)
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", markersize=4, capsize=2, color=_color(i))
         ax.axvline(0.5, color="0.7", linewidth=0.8)  # "all" apart from the sessions
         ax.set_ylabel(f"{LABELS[metric]} ({split})")
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
-    axes[-1].set_xticks(range(len(groups)), groups, rotation=60, ha="right", fontsize=8)
-    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1].set_xticks(range(len(groups)), groups, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     axes[0].set_title(f"Error per session on {split}, with 95% bootstrap CIs")
+    _legend(fig, [label for label, _ in runs])
     return _save(fig, path)
 
 
@@ -87,16 +100,21 @@ def training_curves(runs: list[tuple[str, dict, list[dict]]], path: Path) -> Pat
               if any(tag in c for _, c in curves)]
     if not panels:
         return None
-    fig = Figure(figsize=(4.2 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    n_cols = min(3, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig = Figure(figsize=(4.2 * n_cols, 3.2 * n_rows), layout="constrained")
+    grid = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in grid[len(panels):]:
+        ax.set_visible(False)
+    axes = grid[: len(panels)]
     for ax, tag in zip(axes, panels):
-        for label, c in curves:
+        for i, (label, c) in enumerate(curves):
             if tag in c:
                 steps, values = zip(*c[tag])
-                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=_color(i))
         kind, name = tag.split("/")
         ax.set_title(f"{'training' if kind == 'train' else 'validation'} {LABELS.get(name, name)}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend(fig, [label for label, _ in curves])
     return _save(fig, path)

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 import main
@@ -49,8 +50,8 @@ def trial_row(i, *, split="val", session=None, phonemes=None, words=None, predic
     return row
 
 
-def make_run(path, rows, *, keys_hash="data-1", content_hash=None, done=True, model="ctc", trial="tiny",
-             extra_metrics=None, wall_seconds=61.0, history=None):
+def make_run(path, rows, *, keys_hash="data-1", content_hash=None, by_split=None, done=True, model="ctc",
+             trial="tiny", extra_metrics=None, wall_seconds=61.0, history=None):
     """A run folder per the results contract; metrics.json computed from the rows as the runner does."""
     path.mkdir(parents=True)
     results.atomic_write_text(path / "config.yaml", f"trial_name: {trial}\nmodel_constructor_name: {model}\n")
@@ -65,7 +66,7 @@ def make_run(path, rows, *, keys_hash="data-1", content_hash=None, done=True, mo
     results.write_json(path / "meta.json", {
         "wall_seconds": wall_seconds, "device": "cpu",
         "data_fingerprint": {"sessions": ["s0", "s1"], "n_trials": {"val": len(rows)},
-                             "keys_hash": keys_hash, "content_hash": content_hash}})
+                             "keys_hash": keys_hash, "content_hash": content_hash, "by_split": by_split}})
     if done:
         results.mark_done(path)
     return path
@@ -179,6 +180,40 @@ def test_content_hash_missing_on_one_side_is_not_a_difference(two_runs, tmp_path
     changed = make_run(tmp_path / "runs" / "changed", rows, content_hash="features-2")
     with pytest.raises(UserError, match="different data"):
         compare([str(hashed), str(changed)], str(tmp_path / "cmp2"), n_resamples=200)
+
+
+def test_runs_that_read_more_splits_of_the_same_data_are_compared(tmp_path):
+    """A run that also decoded test (or an `evaluate` run that read val only) read the same data as
+    one that did not: per-split hashes are compared on the splits both read."""
+    rows = [trial_row(i, phonemes=(1, 5)) for i in range(4)]
+    same = {"train": {"keys_hash": "k-train", "features_hash": None}, "val": {"keys_hash": "k-val", "features_hash": "f"}}
+    run_a = make_run(tmp_path / "a", rows, keys_hash="all-1", by_split=same)
+    run_b = make_run(tmp_path / "b", rows, keys_hash="all-2",
+                     by_split={**same, "test": {"keys_hash": "k-test", "features_hash": None}})
+    run_eval = make_run(tmp_path / "eval", rows, keys_hash="all-3", by_split={"val": same["val"]})
+    compare([str(run_a), str(run_b), str(run_eval)], str(tmp_path / "cmp"), n_resamples=200)
+    assert len(read_csv(tmp_path / "cmp" / "comparison.csv")) == 3
+
+    other_val = make_run(tmp_path / "other", rows, keys_hash="all-1",
+                         by_split={**same, "val": {"keys_hash": "k-val", "features_hash": "g"}})
+    with pytest.raises(UserError, match="different data"):
+        compare([str(run_a), str(other_val)], str(tmp_path / "cmp2"), n_resamples=200)
+
+
+def test_fingerprint_of_a_split_does_not_depend_on_the_other_splits_read(small_dataset):
+    from harness.data import FeatureStore, find_sessions, fingerprint, read_trials
+
+    sessions = find_sessions(small_dataset)
+    trials = {s: read_trials(small_dataset, sessions, s, 512) for s in ("train", "val", "test")}
+    stores = {s: FeatureStore(ts, True) for s, ts in trials.items()}
+    with_test = fingerprint(trials, stores)
+    without = fingerprint({s: trials[s] for s in ("train", "val")}, {s: stores[s] for s in ("train", "val")})
+    assert with_test["keys_hash"] != without["keys_hash"]
+    assert set(with_test["by_split"]) == {"train", "val", "test"} and set(without["by_split"]) == {"train", "val"}
+    for split in ("train", "val"):
+        assert with_test["by_split"][split] == without["by_split"][split]
+        assert with_test["by_split"][split]["features_hash"] is not None
+    assert with_test["by_split"]["train"]["keys_hash"] != with_test["by_split"]["val"]["keys_hash"]
 
 
 def test_unfinished_runs_are_listed_not_used(two_runs, tmp_path, capsys):
@@ -377,6 +412,9 @@ def test_plots_are_written_and_not_empty(two_runs, tmp_path):
     for name in ("per_session_val.png", "training_curves.png"):
         _assert_real_png(tmp_path / "cmp" / name)
         assert f"]({name})" in (tmp_path / "cmp" / "comparison.md").read_text()
+        pixels = imread(tmp_path / "cmp" / name)[..., :3].reshape(-1, 3)
+        for colour in ("C0", "C1"):  # each run in its own colour
+            assert (np.abs(pixels - to_rgb(colour)).max(axis=1) < 0.02).sum() > 50, (name, colour)
 
 
 def test_training_curves_fall_back_to_the_validation_history(tmp_path):
@@ -404,7 +442,7 @@ def test_read_scalars_keeps_the_last_value_of_a_step_logged_twice(tmp_path):
 
 def test_example_sentences_show_where_decoders_disagree_most(tmp_path):
     rows_a = [trial_row(i, phonemes=(1, 5)) for i in range(10)]
-    rows_b = [trial_row(i, phonemes=(1, 5)) for i in range(10)]
+    rows_b = [trial_row(i, phonemes=(1, 5), words=(0, 2), predicted_text=f"words {i}") for i in range(10)]
     rows_b[7]["phoneme_edits"] = 5  # the one trial where they disagree
     rows_b[7]["predicted_phonemes"] = "AA | AA"  # a pipe must not break the table
     compare([str(make_run(tmp_path / "a", rows_a)), str(make_run(tmp_path / "b", rows_b))],
@@ -413,5 +451,6 @@ def test_example_sentences_show_where_decoders_disagree_most(tmp_path):
     assert "The trial where the decoders' per-trial PER differ most, then the first 3 trials." in examples
     shown = [line.split("|")[1].strip() for line in examples.splitlines() if "| reference |" in line]
     assert shown == ["s1 block 1 trial 7", "s0 block 1 trial 0", "s1 block 1 trial 1", "s0 block 1 trial 2"]
-    assert "| sentence 7 |" in examples and "| AA \\| AA | 5/5 PER |" in examples
+    assert "| sentence 7 |" in examples and "| b (phonemes) | AA \\| AA | 5/5 PER |" in examples
+    assert "| b (text) | words 7 | 0/2 WER |" in examples and "| a | pred 7 | 1/5 PER |" in examples
     assert "| reference phonemes | S EH N SIL |" in examples
