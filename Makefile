@@ -40,8 +40,8 @@ Variables (make TARGET NAME=value)
   PYTHON        interpreter that creates .venv            [$(PYTHON)]
   LAUNCH        how a run starts                          [$(LAUNCH)]
                 e.g. LAUNCH=".venv/bin/torchrun --nproc_per_node=2"
-  ARGS          extra arguments for main.py run           [$(ARGS)]
-                e.g. ARGS="--set training_params.num_steps=100"
+  ARGS          extra arguments for main.py run / compare [$(ARGS)]
+                e.g. ARGS="--set training_params.num_steps=100", or for compare ARGS=--force
   RUNS          run folders for compare                   [every finished run under results/]
   SETUP_ARGS    arguments for setup.sh, e.g. --force      [$(SETUP_ARGS)]
   TORCH_INDEX_URL  (environment) extra index for torch, e.g. a CUDA wheel index; see setup.sh
@@ -85,7 +85,7 @@ $(eval $(call MODEL_RUN,llm-decoder,llm_decoder))
 
 # Without RUNS, main.py compare takes every run under results/ and lists the unfinished ones.
 compare: $(STAMP)
-	$(PY) main.py compare $(RUNS) --out $(COMPARE_OUT)
+	$(PY) main.py compare $(RUNS) --out $(COMPARE_OUT) $(ARGS)
 
 clean:
 	rm -rf $(SYNTH_DIR) .cache .pytest_cache
