@@ -23,6 +23,8 @@ from harness.run_reader import Run, find_runs, load_run
 LABELS = {"per": "PER", "wer": "WER", "cer": "CER", "retrieval_top1": "top-1", "retrieval_top10": "top-10"}
 RETRIEVAL = {"retrieval_top1": 1, "retrieval_top10": 10}  # metric -> k: the true sentence ranked <= k
 N_DISAGREE, N_FIRST = 5, 3  # example sentences: where the decoders disagree most, then the first trials
+PAIRED_COLUMNS = ["split", "run_a", "run_b", "metric", "n_trials", "a", "b", "difference", "difference_ci_low",
+                  "difference_ci_high", "b_better", "a_better", "equal", "wilcoxon_statistic", "wilcoxon_p"]
 
 
 def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: bool = False,
@@ -54,9 +56,12 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     splits = list(dict.fromkeys(row["split"] for row in table))
     pairs = [row for split in splits for row in paired_rows(runs, split, n_resamples, seed)]
     images = write_plots(runs, splits, out_dir)
+    for stale in [*out_dir.glob("per_session_*.png"), out_dir / "training_curves.png"]:
+        if stale not in images.values():  # from an earlier comparison: it would not match this report
+            stale.unlink(missing_ok=True)
     report = render_report(runs, table, pairs, images, splits, unfinished, groups)
-    results.atomic_write_text(out_dir / "comparison.csv", results.rows_to_csv(table))
-    results.atomic_write_text(out_dir / "paired.csv", results.rows_to_csv(pairs))
+    results.atomic_write_text(out_dir / "comparison.csv", results.rows_to_csv(table, ["run", "decoder", "split"]))
+    results.atomic_write_text(out_dir / "paired.csv", results.rows_to_csv(pairs, PAIRED_COLUMNS))
     results.atomic_write_text(out_dir / "comparison.md", report)
     print(summary_markdown(table))
     written = ["comparison.md", "comparison.csv", "paired.csv", *(p.name for p in images.values())]

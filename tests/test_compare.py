@@ -432,6 +432,12 @@ def test_training_curves_fall_back_to_the_validation_history(tmp_path):
     run = make_run(tmp_path / "a", [trial_row(i, phonemes=(1, 4)) for i in range(4)], history=history)
     compare([str(run)], str(tmp_path / "cmp"), n_resamples=200)
     _assert_real_png(tmp_path / "cmp" / "training_curves.png")
+    assert (tmp_path / "cmp" / "paired.csv").read_text().startswith("split,run_a,run_b,metric,")  # header, no pairs
+
+    no_curves = make_run(tmp_path / "b", [trial_row(i, phonemes=(1, 4)) for i in range(4)])  # e.g. `evaluate`
+    compare([str(no_curves)], str(tmp_path / "cmp"), n_resamples=200)
+    assert not (tmp_path / "cmp" / "training_curves.png").exists()  # the earlier one would mislead
+    assert "training_curves.png" not in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
 def test_read_scalars_keeps_the_last_value_of_a_step_logged_twice(tmp_path):
