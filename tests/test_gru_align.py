@@ -3,6 +3,7 @@ follow the contract, the target cache is reused, the full-size config builds wit
 for mms-tts and Qwen2-Audio, and the tiny config learns far above chance."""
 
 import csv
+import importlib.util
 import json
 import re
 from dataclasses import replace
@@ -116,9 +117,11 @@ def test_tiny_config_learns_far_above_chance_and_reuses_the_target_cache(synthet
     log = (trained / "run.log").read_text()
     assert re.search(r"\d+ sentences, 0 from the cache, \d+ computed", log)
 
-    again = runner.run(str(CONFIGS / "tiny.yml"), data + ["training_params.num_steps=0"], str(tmp_path / "untrained"),
-                       False, False)
-    assert re.search(r"(\d+) sentences, \1 from the cache, 0 computed", (again / "run.log").read_text())
+    # `evaluate` rebuilds the model from the checkpoint (targets from the cache, the training target
+    # statistics from the weights) and retrieves exactly what the run did
+    evaluated = runner.evaluate(str(trained), str(synthetic_dataset), "val", str(tmp_path / "evaluated"), None)
+    assert read_rows(evaluated) == rows
+    assert re.search(r"(\d+) sentences, \1 from the cache, 0 computed", (evaluated / "run.log").read_text())
 
 
 def test_full_size_config_builds_and_decodes_with_tiny_mms_tts_and_qwen2_audio(small_dataset, tmp_path, tiny_vits,
@@ -142,3 +145,13 @@ def test_full_size_config_builds_and_decodes_with_tiny_mms_tts_and_qwen2_audio(s
     assert f"model gru_align: {expected} trainable parameters" in (run_dir / "run.log").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())["val"]
     assert metrics["targets"] == "mms_tts+qwen2_audio" and metrics["n_candidates"] >= 1
+
+
+def test_step_benchmark_runs_and_prints_its_ratio(synthetic_dataset, capsys):
+    spec = importlib.util.spec_from_file_location("gru_align_step", REPO_ROOT / "benchmarks" / "gru_align_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--align-config", "configs/gru_align/tiny.yml", "--ctc-config", "configs/ctc_baseline/tiny.yml",
+                       "--data-dir", str(synthetic_dataset), "--steps", "2", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gru_align / ctc_baseline: \d+\.\d+ \(ratio of medians\)", out)
