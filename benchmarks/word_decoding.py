@@ -5,6 +5,9 @@ on the phoneme log-probabilities of a trained CTC baseline, for two language mod
   embedded  the default: lexicon and 3-gram from the run's training transcriptions
   large     a 3-gram from N sentences (default 100,000) of the synthetic data's sentence generator
             (harness.sentences), none of them a val or test sentence, plus the training transcriptions
+  large+cmu the same LM with every word of the CMU dictionary in the lexicon (about 125,000 words, as
+            many as a real-corpus LM knows; the LM scores the words it never saw as <unk>): the cost
+            of a realistic lexicon size, which the 330-word generator does not show
 
 For each LM, one subprocess pinned to one CPU core (torch on 1 thread; flashlight's search is
 single-threaded) builds one decoder per beam size (plus the default beam with LM weight 0) and decodes
@@ -46,10 +49,12 @@ from harness.batching import collate, eval_batches  # noqa: E402
 from harness.data import FeatureStore, read_trials  # noqa: E402
 from harness.evaluation import apply_preprocessors  # noqa: E402
 from harness.metrics import bootstrap_ci, word_edits  # noqa: E402
+from harness.pronounce import cmu_dict  # noqa: E402
 from harness.runner import build_preprocessors, load_any_checkpoint  # noqa: E402
 from harness.sentences import generate_sentence, sentence_key  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
+LMS = ["embedded", "large", "large+cmu"]
 REFERENCE = {"3-gram RAM": "about 60 GB", "5-gram RAM": "about 300 GB",
              "5-gram + OPT-6.7B": "0.6-0.8 s per sentence (1.3-1.7 sentences/s) on an RTX 4090, 12.4 GB GPU"}
 
@@ -79,7 +84,8 @@ def val_log_probs(run_dir: Path, split: str = "val") -> dict:
                 log_probs.append(row[:n])
             references += [trials[i].sentence for i in chunk]
     train = [t.sentence for t in read_trials(dp.data_dir, dp.sessions, "train", dp.n_features)]
-    held_out = [t.sentence for s in ("val", "test") for t in read_trials(dp.data_dir, dp.sessions, s, dp.n_features)]
+    held_out = [t.sentence for s in ("val", "test") for t in read_trials(dp.data_dir, dp.sessions, s, dp.n_features)
+                if t.sentence]  # the test split is unlabeled here; with labels its sentences are excluded too
     return {"log_probs": log_probs, "references": references, "train": train, "held_out": held_out,
             "checkpoint": str(path), "data_dir": dp.data_dir}
 
@@ -185,11 +191,11 @@ def chosen(rows: list[dict], lm_weight: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a finished ctc_baseline run folder (its best checkpoint is used)")
-    ap.add_argument("--beams", type=int, nargs="+", default=[5, 10, 25, 50, 100, 200, 500])
-    ap.add_argument("--default-beam", type=int, default=100, help="the beam of the LM-weight-0 comparison")
+    ap.add_argument("--beams", type=int, nargs="+", default=[10, 25, 50, 100, 200, 500, 1000])
+    ap.add_argument("--default-beam", type=int, default=200, help="the beam of the LM-weight-0 row (the configs')")
     ap.add_argument("--passes", type=int, default=5, help="timed passes over the val split per setting")
     ap.add_argument("--sentences", type=int, default=100_000, help="generated sentences for the large LM")
-    ap.add_argument("--lms", nargs="+", choices=["embedded", "large"], default=["embedded", "large"])
+    ap.add_argument("--lms", nargs="+", choices=LMS, default=LMS)
     ap.add_argument("--params", default="{}", help="JSON: lexicon_ngram params for every setting (e.g. acoustic_scale)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one LM's subprocess
@@ -212,14 +218,19 @@ def main(argv=None) -> int:
         log_probs = np.empty(len(data["log_probs"]), dtype=object)
         log_probs[:] = data["log_probs"]
         np.savez(inputs, log_probs=log_probs, references=np.array(data["references"]), train=np.array(data["train"]))
+        corpus, cmu_words = Path(tmp) / "corpus.txt", Path(tmp) / "cmu_words.txt"
+        if {"large", "large+cmu"} & set(args.lms):
+            start = time.perf_counter()
+            corpus.write_text("\n".join(generated_corpus(args.sentences, data["held_out"])) + "\n")
+            print(f"generated {args.sentences} sentences in {time.perf_counter() - start:.1f} s")
+        if "large+cmu" in args.lms:
+            cmu_words.write_text("\n".join(cmu_dict()) + "\n")
         for name in args.lms:
             job_params = dict(params)
-            if name == "large":
-                corpus = Path(tmp) / "corpus.txt"
-                start = time.perf_counter()
-                corpus.write_text("\n".join(generated_corpus(args.sentences, data["held_out"])) + "\n")
-                print(f"generated {args.sentences} sentences in {time.perf_counter() - start:.1f} s")
+            if name != "embedded":
                 job_params["corpus_files"] = [str(corpus)]
+            if name == "large+cmu":
+                job_params["words_file"] = str(cmu_words)
             job = {"name": name, "inputs": str(inputs), "params": job_params, "lm_weight": lm_weight,
                    "beams": args.beams, "default_beam": args.default_beam, "passes": args.passes,
                    "cache_dir": str(Path(tmp) / f"cache-{name}")}
@@ -234,6 +245,7 @@ def main(argv=None) -> int:
 
 def print_lm(result: dict, name: str, n_sentences: int) -> None:
     what = "training transcriptions" if name == "embedded" else f"{n_sentences:,} generated sentences + training transcriptions"
+    what += ", every CMU word in the lexicon" if name == "large+cmu" else ""
     print(f"\n## {name}: 3-gram of {what}; vocabulary {result['vocabulary']} words, ARPA {result['lm_file_mb']:.1f} MB "
           f"built in {result['lm_build_s']:.1f} s (peak RSS {result['lm_build_peak_rss_mb']:.0f} MB)")
     print(f"one decoder (beam {max(r['beam_size'] for r in result['rows'])}): built in {result['decoder_build_s']:.1f} s, "

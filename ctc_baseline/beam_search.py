@@ -37,10 +37,12 @@ UNK = "<unk>"
 
 @dataclass
 class BeamSearchParams:
-    """The search's knobs; names and meanings follow the reference's decoder (section 8)."""
+    """The search's knobs; names and meanings follow the reference's decoder (section 8). The
+    defaults are the untuned probabilistic combination (log p(phonemes) + log p(words)); the
+    reference tuned acoustic_scale 0.325 and blank_penalty 90 for its model (configs/ctc_baseline/b2txt25.yml)."""
 
-    acoustic_scale: float = 0.325  # weight of the phoneme log-probabilities against the LM
-    blank_penalty: float = 90.0  # the blank's probability is divided by this (log: minus log 90)
+    acoustic_scale: float = 1.0  # weight of the phoneme log-probabilities against the LM
+    blank_penalty: float = 1.0  # the blank's probability is divided by this (1: no penalty)
     lm_weight: float = 1.0  # weight of the n-gram's natural-log probability; 0: lexicon-only search
     word_score: float = 0.0  # added per word (a word insertion bonus when positive)
     sil_score: float = 0.0  # added per SIL frame
@@ -118,11 +120,15 @@ class LexiconBeamSearch:
         emissions = self.emissions(log_probs)
         results = self.decoder.decode(emissions.ctypes.data, len(emissions), N_CLASSES)
         found: dict[tuple[str, ...], Hypothesis] = {}
-        for result in results:  # sorted best first; many differ only in their alignment
+        for result in results:  # best first; many differ only in their alignment
+            if len(found) >= self.params.nbest and result.score < last:
+                break  # enough, and no more ties with the last one kept
             words = tuple(self.word_dict.get_entry(i) for i in result.words if i >= 0)
             if words not in found:
                 found[words] = Hypothesis(words, result.emittingModelScore / self.params.acoustic_scale,
                                           result.lmScore * LN10, result.score)
-                if len(found) == self.params.nbest:
-                    break
-        return list(found.values()) or [Hypothesis((), 0.0, 0.0, 0.0)]  # no frame: no word
+                last = result.score
+        # Exact ties (homophones under equal LM scores) come out of flashlight in an order that depends
+        # on memory addresses; the words break them, so that a rerun decodes the same text.
+        ranked = sorted(found.values(), key=lambda h: (-h.score, h.words))[:self.params.nbest]
+        return ranked or [Hypothesis((), 0.0, 0.0, 0.0)]  # no frame: no word

@@ -118,10 +118,14 @@ class LexiconNgramParams(BeamSearchParams):
 
 
 class LexiconNgramDecoder:
-    def __init__(self, search: LexiconBeamSearch, rescorer: LLMRescorer | None = None):
+    def __init__(self, search: LexiconBeamSearch, rescorer: LLMRescorer | None = None,
+                 report: list[tuple[int, str]] = ()):
         self.search = search
         self.rescorer = rescorer
         self.vocabulary = search.words  # what it can write
+        # (level, message) about what was built, logged at the first decode: models are built before
+        # the run log exists, and decoding always happens inside it
+        self.report = list(report)
 
     def nbest(self, log_probs: torch.Tensor, lengths) -> list[list[Hypothesis]]:
         array = log_probs.detach().float().cpu().numpy()
@@ -129,6 +133,9 @@ class LexiconNgramDecoder:
 
     def decode(self, log_probs: torch.Tensor, lengths) -> list[str]:
         """(B, T, 41) log-softmax outputs and the valid frames of each row -> one text per row."""
+        for level, message in self.report:
+            log.log(level, message)
+        self.report = []
         nbests = self.nbest(log_probs, lengths)
         if self.rescorer is None:
             return [nbest[0].text for nbest in nbests]
@@ -150,21 +157,25 @@ def lexicon_ngram(params: LexiconNgramParams, train_sentences: list[str], cache_
     given_lm = user_lm(params.lm_path) if params.lm_path else None
     text = lm_text(params, train_sentences)
     lexicon = read_lexicon(params.lexicon_file) if params.lexicon_file else cmu_lexicon(vocabulary(params, text))
-    report_missing(lexicon, train_sentences if params.use_train_text else [])
     folder = Path(cache_dir) / "word_decoding"
     lexicon_path = folder / f"lexicon-{digest(lexicon.text())}.txt"  # for the user to inspect
     if not lexicon_path.is_file():
         lexicon.write(lexicon_path)
     lm_path = given_lm or cached_lm(text, params.lm_order, folder)
-    log.info("word decoding: %d words (lexicon %s), %s LM %s", len(lexicon.words), lexicon_path,
-             "user" if params.lm_path else f"{params.lm_order}-gram", lm_path)
+    report = [(logging.INFO, f"word decoding: {len(lexicon.words)} words (lexicon {lexicon_path}), "
+                             f"{'user' if given_lm else f'{params.lm_order}-gram'} LM {lm_path}")]
+    missing = missing_words(lexicon, train_sentences if params.use_train_text else [])
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+        report.append((logging.WARNING, f"word decoding: {len(missing)} vocabulary words are not in the "
+                                        f"dictionary and cannot be decoded: {shown}"))
     search = LexiconBeamSearch(lexicon, str(lm_path), params)
     rescoring = params.llm_rescoring
     rescorer = LLMRescorer(rescoring) if rescoring is not None and rescoring.enabled else None
     if rescorer is not None and params.nbest < 2:
-        log.warning("LLM rescoring with nbest %d has nothing to choose from: set nbest (the reference: 100)",
-                    params.nbest)
-    return LexiconNgramDecoder(search, rescorer)
+        report.append((logging.WARNING, f"LLM rescoring with nbest {params.nbest} has nothing to choose from: "
+                                        "set nbest (the reference: 100)"))
+    return LexiconNgramDecoder(search, rescorer, report)
 
 
 def lm_text(params: LexiconNgramParams, train_sentences: list[str]) -> list[list[str]]:
@@ -191,14 +202,10 @@ def vocabulary(params: LexiconNgramParams, text: list[list[str]]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def report_missing(lexicon: Lexicon, sentences: list[str]) -> None:
-    """Log the vocabulary words without a pronunciation (and numbers, which normalisation deletes)."""
+def missing_words(lexicon: Lexicon, sentences: list[str]) -> list[str]:
+    """Vocabulary words without a pronunciation, and numbers (which the normalisation deletes)."""
     numbers = sorted({t for s in sentences for t in s.split() if any(c.isdigit() for c in t)})
-    missing = lexicon.missing + numbers
-    if missing:
-        shown = ", ".join(missing[:20]) + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
-        log.warning("word decoding: %d vocabulary words are not in the dictionary and cannot be decoded: %s",
-                    len(missing), shown)
+    return lexicon.missing + numbers
 
 
 def digest(text: str) -> str:

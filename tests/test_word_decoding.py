@@ -123,8 +123,11 @@ def test_user_lexicon_file(tmp_path):
 
 def test_a_missing_dictionary_word_is_reported_in_the_log(tmp_path, caplog):
     spec = WordDecoderSpec("lexicon_ngram", {"lm_order": 2})
-    with caplog.at_level(logging.WARNING):
-        decoder = build_word_decoder(spec, ["The cat sat.", "A zzyzxq sat on 3 mats."], tmp_path)
+    decoder = build_word_decoder(spec, ["The cat sat.", "A zzyzxq sat on 3 mats."], tmp_path)
+    with caplog.at_level(logging.WARNING):  # reported when decoding starts: inside the run log
+        decoder.decode(torch.zeros(1, 4, N_CLASSES).log_softmax(-1), [4])
+        decoder.decode(torch.zeros(1, 4, N_CLASSES).log_softmax(-1), [4])
+    assert caplog.text.count("not in the dictionary") == 1
     assert "2 vocabulary words are not in the dictionary and cannot be decoded: zzyzxq, 3" in caplog.text
     assert "zzyzxq" not in decoder.vocabulary and "mats" in decoder.vocabulary
 
@@ -251,6 +254,19 @@ def test_the_sil_class_is_the_word_separator_of_the_project_order(tmp_path):
     assert decoder.decode(torch.tensor(peaked_log_probs(no_separator))[None], [5]) != ["the cat"]
 
 
+def test_exact_ties_are_broken_by_the_words_so_reruns_agree(tmp_path):
+    """Homophones with equal LM probabilities tie exactly; flashlight orders ties by memory address."""
+    (tmp_path / "tie.arpa").write_text("\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-2\t<unk>\n-99\t<s>\t0\n"
+                                        "-0.5\t</s>\t0\n-0.5\tthere\t0\n-0.5\ttheir\t0\n\n\\2-grams:\n"
+                                        "-0.3\t<s> there\n\n\\end\\\n")
+    lexicon = Lexicon({"there": [("DH", "EH", "R")], "their": [("DH", "EH", "R")]})
+    log_probs = peaked_log_probs([{"DH": 8}, {"EH": 8}, {"R": 8}, {"SIL": 8}])
+    search = LexiconBeamSearch(lexicon, str(tmp_path / "tie.arpa"), BeamSearchParams(lm_weight=0.0, nbest=2))
+    assert {search.search(log_probs)[0].words for _ in range(30)} == {("their",)}  # a tie: alphabetical
+    search = LexiconBeamSearch(lexicon, str(tmp_path / "tie.arpa"), BeamSearchParams(lm_weight=1.0, nbest=2))
+    assert {search.search(log_probs)[0].words for _ in range(30)} == {("there",)}  # the LM breaks it
+
+
 # ----------------------------------------------------------------------------------------------
 # specs, params and the cache
 
@@ -350,28 +366,59 @@ def test_an_llm_that_cannot_be_loaded_is_a_user_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# through the main loop
+# through the main loop, and the benchmark script
 
 
-def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(synthetic_dataset, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_dataset, tmp_path_factory):
+    """The tiny CTC baseline config (lexicon_ngram) trained on the test data; its cache kept apart."""
     from harness import runner
 
-    monkeypatch.setattr(runner, "CACHE_DIR", tmp_path / "cache")
-    tiny = REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"
-    run_dir = runner.run(str(tiny), [f"data_params.data_dir={synthetic_dataset}"], str(tmp_path / "run"), False, False)
+    folder = tmp_path_factory.mktemp("tiny_run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "CACHE_DIR", folder / "cache")
+        tiny = REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"
+        run_dir = runner.run(str(tiny), [f"data_params.data_dir={synthetic_dataset}"], str(folder / "run"), False, False)
+        yield run_dir, folder / "cache"
+
+
+def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(tiny_run, synthetic_dataset, tmp_path):
+    from harness import runner
+
+    run_dir, cache = tiny_run
     val = json.loads((run_dir / "metrics.json").read_text())["val"]
     assert val["wer"] is not None and val["cer"] is not None and val["wer_ci"][0] <= val["wer"] <= val["wer_ci"][1]
     assert val["wer"] < 0.9 and 0 <= val["word_decoder_oov_rate"] < 0.1
     rows = list(csv.DictReader(open(run_dir / "per_trial.csv")))
-    lexicon = set((next((tmp_path / "cache" / "word_decoding").glob("lexicon-*.txt"))).read_text().split())
+    lexicon = set(next((cache / "word_decoding").glob("lexicon-*.txt")).read_text().split())
     assert sum(bool(r["predicted_text"]) for r in rows) > 0.9 * len(rows)
     assert all(set(r["predicted_text"].split()) <= lexicon for r in rows)
     assert "lm-3gram-" in (run_dir / "run.log").read_text()
 
     # `evaluate` rebuilds the decoder from the data's training transcriptions (the cached LM)
     kaggle = tmp_path / "submission.csv"
-    runner.evaluate(str(run_dir), str(synthetic_dataset), "test", str(tmp_path / "eval"), str(kaggle))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "CACHE_DIR", cache)
+        runner.evaluate(str(run_dir), str(synthetic_dataset), "test", str(tmp_path / "eval"), str(kaggle))
     lines = list(csv.reader(open(kaggle)))
     assert lines[0] == ["id", "text"] and len(lines) > 1
     assert sum(bool(text) for _, text in lines[1:]) > 0.9 * (len(lines) - 1)
-    assert len(list((tmp_path / "cache" / "word_decoding").glob("lm-*.arpa"))) == 1
+    assert len(list((cache / "word_decoding").glob("lm-*.arpa"))) == 1
+
+
+def test_the_benchmark_script_runs_at_a_toy_size(tiny_run, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("word_decoding_bench", REPO_ROOT / "benchmarks" / "word_decoding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--run", str(tiny_run[0]), "--beams", "2", "8", "--default-beam", "8", "--passes", "1",
+                       "--lms", "large", "--sentences", "300", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [lm["lm"] for lm in results["lms"]] == ["large"] and results["lms"][0]["vocabulary"] > 100
+    for lm in results["lms"]:
+        assert [(r["beam_size"], r["lm_weight"]) for r in lm["rows"]] == [(8, 1.0), (2, 1.0), (8, 0.0)]
+        assert all(r["sentences_per_s"] > 0 and 0 <= r["wer"] for r in lm["rows"])
+        assert lm["peak_rss_one_decoder_mb"] >= lm["rss_before_decoder_mb"] > 0 and lm["chosen_beam"] in (2, 8)
+    assert "| beam | LM weight |" in capsys.readouterr().out
