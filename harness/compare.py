@@ -152,15 +152,15 @@ def _is_scored(entry: dict) -> bool:
 
 
 def _retrieval_columns(run: Run, split: str, entry: dict, n_resamples: int, seed: int) -> dict:
-    """retrieval_top1/top10 with CIs where the run has retrieval output: the value from
-    metrics.json (else from true_rank), the CI resampled from the per-trial true_rank."""
+    """retrieval_top1/top10 with CIs where the run has retrieval output: value and CI from
+    metrics.json, else computed from the per-trial true_rank (the CI resampled like error rates)."""
     ranks = _ranks(run, split)
     out = {}
     for metric, k in RETRIEVAL.items():
         value = entry.get(metric)
         if value is None and ranks is None:
             continue
-        ci = None
+        ci = entry.get(f"{metric}_ci")
         if ranks is not None:
             hits = [float(r <= k) for r in ranks]
             from_ranks = sum(hits) / len(hits)
@@ -168,7 +168,7 @@ def _retrieval_columns(run: Run, split: str, entry: dict, n_resamples: int, seed
                 print(f"warning: {run.name} {split}: {metric} is {value} in metrics.json but {from_ranks} "
                       "from true_rank in per_trial.csv")
             value = from_ranks if value is None else value
-            ci = bootstrap_ci(hits, [1.0] * len(hits), n_resamples, seed)
+            ci = ci or bootstrap_ci(hits, [1.0] * len(hits), n_resamples, seed)
         out.update({metric: value, f"{metric}_ci_low": ci[0] if ci else None, f"{metric}_ci_high": ci[1] if ci else None})
     return out
 

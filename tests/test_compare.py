@@ -289,8 +289,9 @@ def test_retrieval_accuracy_where_present(tmp_path):
         rows = [trial_row(i, phonemes=(1, 5), true_rank=r) for i, r in enumerate(ranks)]
         top1 = sum(r == 1 for r in ranks) / len(ranks)
         top10 = sum(r <= 10 for r in ranks) / len(ranks)
+        own_ci = {"retrieval_top1_ci": [0.5, 1.0]} if name == "b" else {}  # the run's own CI, when it has one
         runs.append(make_run(tmp_path / name, rows, extra_metrics={
-            "val": {"retrieval_top1": top1, "retrieval_top10": top10, "n_candidates": 50}}))
+            "val": {"retrieval_top1": top1, "retrieval_top10": top10, "n_candidates": 50, **own_ci}}))
     plain = make_run(tmp_path / "plain", [trial_row(i, phonemes=(2, 5)) for i in range(6)])
     compare([str(r) for r in (*runs, plain)], str(tmp_path / "cmp"), n_resamples=N_RESAMPLES)
 
@@ -299,7 +300,8 @@ def test_retrieval_accuracy_where_present(tmp_path):
     assert float(table["a"]["retrieval_top10"]) == pytest.approx(5 / 6)
     assert float(table["b"]["retrieval_top1"]) == pytest.approx(5 / 6) and table["b"]["n_candidates"] == "50"
     lo, hi = float(table["a"]["retrieval_top1_ci_low"]), float(table["a"]["retrieval_top1_ci_high"])
-    assert lo < 0.5 < hi
+    assert lo < 0.5 < hi  # resampled from true_rank
+    assert (table["b"]["retrieval_top1_ci_low"], table["b"]["retrieval_top1_ci_high"]) == ("0.5", "1.0")
     assert table["plain"]["retrieval_top1"] == "" and table["plain"]["n_candidates"] == ""
 
     paired = read_csv(tmp_path / "cmp" / "paired.csv")
