@@ -45,7 +45,9 @@ def test_run_writes_a_complete_run_folder(finished_run, small_dataset):
                  "checkpoints/best.pt", "checkpoints/last.pt"]:
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "DONE").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in out.iterdir() if p.is_file())
+    # DONE is the last result file written (run.log goes on logging "finished" after it)
+    results_files = [p for p in out.iterdir() if p.is_file() and p.name != "run.log"]
+    assert (out / "DONE").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in results_files)
 
     rows = read_csv(out / "per_trial.csv")
     assert list(rows[0])[: len(BASE_COLUMNS)] == BASE_COLUMNS and "n_frames" in rows[0]  # model column kept
