@@ -10,8 +10,10 @@ padding with garbage).
   done for the whole batch as one batched matmul (F.interpolate takes one output size per call).
 - `interpolated_cosine_loss`: the original design: both sequences resampled to a common length,
   1 - mean frame-wise cosine.
-- `info_nce`: sentence-level contrastive loss across the batch on mean-pooled embeddings. It does
-  not care when the trial's speech starts or how fast it goes, which the frame-wise cosine does.
+- `info_nce`: sentence-level contrastive loss across the batch, on a similarity of whole sequences
+  (`sequence_similarity`, the resampled frame-wise cosine, or `pooled_similarity`, the cosine of the
+  means, which ignores timing altogether). Only the ranking of the true sentence among the batch's
+  sentences matters, not matching every frame.
 """
 
 from __future__ import annotations
@@ -65,12 +67,23 @@ def interpolated_cosine_loss(brain, brain_lengths, target, target_lengths, n_fra
     return 1 - cos[valid].sum() / valid.sum().clamp(min=1)
 
 
-def info_nce(brain_pooled: torch.Tensor, target_pooled: torch.Tensor, labels: torch.Tensor,
-             temperature: float) -> torch.Tensor:
+def pooled_similarity(brain, brain_lengths, target, target_lengths) -> torch.Tensor:
+    """(B, S): cosine between each trial's mean embedding and each target's mean frame."""
+    b = F.normalize(masked_mean(brain, brain_lengths), dim=-1)
+    return b @ F.normalize(masked_mean(target, target_lengths), dim=-1).T
+
+
+def sequence_similarity(brain, brain_lengths, target, target_lengths, n_frames: int) -> torch.Tensor:
+    """(B, S): mean frame-wise cosine of each trial with each target, both resampled to n_frames."""
+    b = F.normalize(resample(brain, brain_lengths, n_frames), dim=-1)
+    t = F.normalize(resample(target, target_lengths, n_frames), dim=-1)
+    return torch.einsum("bkd,skd->bs", b, t) / n_frames
+
+
+def info_nce(similarity: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy of each trial against the batch's distinct sentences.
 
-    brain_pooled (B, D); target_pooled (S, D), one row per distinct sentence in the batch (training
-    batches draw trials with replacement, so a sentence can occur twice: it must not be its own
-    negative); labels (B,) index of each trial's sentence in target_pooled."""
-    logits = F.normalize(brain_pooled, dim=-1) @ F.normalize(target_pooled, dim=-1).T / temperature
-    return F.cross_entropy(logits, labels)
+    similarity (B, S): each trial against each distinct sentence of the batch (training batches draw
+    trials with replacement, so a sentence can occur twice: it must not be its own negative);
+    labels (B,): the index of each trial's sentence."""
+    return F.cross_entropy(similarity / temperature, labels)

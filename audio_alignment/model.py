@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from audio_alignment.cache import TargetCache
-from audio_alignment.losses import info_nce, interpolated_cosine_loss, masked_mean
+from audio_alignment.losses import info_nce, interpolated_cosine_loss, pooled_similarity, sequence_similarity
 from audio_alignment.retrieval import CandidateSet, build_candidates, retrieval_metrics, similarity, true_ranks
-from audio_alignment.targets import TargetParams, build_target_maker
+from audio_alignment.targets import TargetParams, build_target_maker, resolve_target_params
 from ctc_baseline.model import greedy_phonemes, training_sentences
 from ctc_baseline.word_decoding import NoWords, WordDecoderSpec, build_word_decoder, log_softmax_cpu
 from gru_decoder import GRUEncoder, GRUEncoderParams
 from config import EvaluationParams
 from harness.errors import UserError
+from harness.metrics import split_metrics as error_rates
+from harness.metrics import trial_error_columns
 from harness.model_api import DecoderModel
 from harness.phonemes import BLANK_ID, N_CLASSES
 from registry import register_config_setter, register_model_constructor
@@ -58,6 +60,7 @@ class GRUAlignParams(GRUEncoderParams):
     standardize_targets: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)
     infonce_temperature: float = 0.1
+    infonce_similarity: Literal["pooled", "sequence"] = "pooled"  # what InfoNCE compares (losses.py)
     retrieval_score: Literal["sequence", "pooled", "both"] = "both"
     # With the CTC head (loss_weights.ctc > 0): phonemes -> words through the CTC baseline's decoders
     # (greedy writes no words), and which text goes in `predicted_text` (the other goes in its own column).
@@ -120,8 +123,11 @@ class GRUAlign(GRUEncoder, DecoderModel):
             distinct = list(dict.fromkeys(batch.sentences))
             labels = torch.tensor([distinct.index(s) for s in batch.sentences], device=emb.device)
             first = [batch.sentences.index(s) for s in distinct]
-            pooled_targets = masked_mean(target[first], target_lengths[first])
-            parts["infonce"] = info_nce(masked_mean(emb, lengths), pooled_targets, labels, self.p.infonce_temperature)
+            if self.p.infonce_similarity == "sequence":
+                sim = sequence_similarity(emb, lengths, target[first], target_lengths[first], self.p.align_frames)
+            else:
+                sim = pooled_similarity(emb, lengths, target[first], target_lengths[first])
+            parts["infonce"] = info_nce(sim, labels, self.p.infonce_temperature)
         if self.ctc_head is not None:
             log_probs = self.ctc_head(hidden).float().log_softmax(-1).transpose(0, 1)
             parts["ctc"] = F.ctc_loss(log_probs, batch.phoneme_ids, lengths, batch.phoneme_lengths,
@@ -164,10 +170,19 @@ class GRUAlign(GRUEncoder, DecoderModel):
         metrics = {"targets": self.target_name, "text_source": self.p.text_source}
         if self.ctc_head is not None:
             metrics.update(self.word_decoder.split_metrics(rows))
+            if self.p.text_source == "retrieval" and any(r.get("ctc_text") for r in rows):
+                metrics["ctc_words"] = self.ctc_word_metrics(rows)
         if self.candidates is not None:
             metrics.update(retrieval_metrics(rows, len(self.candidates.sentences), seed=self.evaluation.bootstrap_seed,
                                              n_resamples=self.evaluation.bootstrap_resamples))
         return metrics
+
+    def ctc_word_metrics(self, rows) -> dict:
+        """WER and CER of the CTC head's words, when the retrieved text is the predicted text."""
+        scored = [{"session": r["session"], **trial_error_columns(r["reference_text"], r["ctc_text"], None, None)}
+                  for r in rows]
+        m = error_rates(scored, seed=self.evaluation.bootstrap_seed, n_resamples=self.evaluation.bootstrap_resamples)
+        return {k: m[k] for k in ("wer", "wer_ci", "cer", "cer_ci")}
 
     def param_group(self, name: str) -> str:
         """The baseline's three groups: day layers, biases (no decay), the rest."""
@@ -227,3 +242,6 @@ def gru_align(params: GRUAlignParams, ctx):
 def gru_align_setter(config, data):
     config.model_params.n_days = len(data.sessions)
     config.model_params.n_features = data.n_features
+    # every target param typed and defaulted now: a bad one fails before any work, and config.yaml
+    # records exactly what made the targets
+    config.model_params.targets = resolve_target_params(config.model_params.targets)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_alignment.losses import info_nce, interpolated_cosine_loss, masked_mean, resample, sequence_cosine
+from audio_alignment.losses import (info_nce, interpolated_cosine_loss, masked_mean, pooled_similarity, resample,
+                                   sequence_cosine, sequence_similarity)
 from audio_alignment.retrieval import build_candidates, retrieval_metrics, similarity, true_ranks
 
 
@@ -62,13 +63,13 @@ def test_masked_mean_reads_valid_frames_only():
 
 
 def test_info_nce_treats_a_repeated_sentence_as_one_candidate():
-    targets = torch.eye(3)  # three distinct sentences
-    brain = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])  # trials 0 and 2 say sentence 0
-    labels = torch.tensor([0, 1, 0])
-    low = info_nce(brain, targets, labels, temperature=0.05)
-    assert low < 1e-6
-    wrong = info_nce(brain, targets, torch.tensor([1, 0, 1]), temperature=0.05)
-    assert wrong > 10
+    targets, tl = padded([torch.eye(3)[i].repeat(4, 1) for i in range(3)])  # three distinct sentences
+    brain, bl = padded([torch.eye(3)[i].repeat(n, 1) for i, n in ((0, 5), (1, 2), (0, 7))], fill=8.0)
+    labels = torch.tensor([0, 1, 0])  # trials 0 and 2 say sentence 0
+    for sim in (pooled_similarity(brain, bl, targets, tl), sequence_similarity(brain, bl, targets, tl, 6)):
+        assert torch.allclose(sim, torch.eye(3)[[0, 1, 0]], atol=1e-6)
+        assert info_nce(sim, labels, temperature=0.05) < 1e-6
+        assert info_nce(sim, torch.tensor([1, 0, 1]), temperature=0.05) > 10
 
 
 def test_retrieval_ranks_on_a_hand_made_case():
