@@ -30,6 +30,7 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind  # e.g. "model constructor", used in messages
         self._entries: dict[str, Callable] = {}
+        ALL_REGISTRIES.append(self)  # so `main.py list` shows registries that model folders define too
 
     def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
         if callable(name):  # used bare as @register_x: the function came in place of the name
@@ -73,12 +74,12 @@ def _where(fn: Callable) -> str:
         return f"{fn.__module__}.{fn.__qualname__}"
 
 
+ALL_REGISTRIES: list[Registry] = []  # every Registry, in creation order (harness ones first, then plugins')
 MODEL_CONSTRUCTORS = Registry("model constructor")
 DATA_PREPROCESSORS = Registry("data preprocessor")
 CONFIG_SETTERS = Registry("config setter")
 # Phoneme log-probs -> words, for any model emitting the 41 classes (ctc_baseline.word_decoding).
 WORD_DECODERS = Registry("word decoder")
-ALL_REGISTRIES = (MODEL_CONSTRUCTORS, DATA_PREPROCESSORS, CONFIG_SETTERS, WORD_DECODERS)
 
 register_model_constructor = MODEL_CONSTRUCTORS.register
 register_data_preprocessor = DATA_PREPROCESSORS.register

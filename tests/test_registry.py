@@ -90,12 +90,16 @@ def test_new_folder_registers_and_list_shows_it(tmp_path):
     repo = _repo_copy(tmp_path)
     (repo / "zz_new_model").mkdir()
     (repo / "zz_new_model" / "__init__.py").write_text(
-        "from registry import register_model_constructor\n"
+        "from registry import Registry, register_model_constructor\n"
         "@register_model_constructor()\n"
-        "def zz_brand_new(params, ctx):\n    pass\n")
+        "def zz_brand_new(params, ctx):\n    pass\n"
+        "GADGETS = Registry('zz gadget')\n"  # a model folder's own registry is listed too
+        "@GADGETS.register()\n"
+        "def zz_sprocket():\n    pass\n")
     result = _run_main(["list"], repo)
     assert result.returncode == 0, result.stderr
     assert "model constructors:" in result.stdout and "zz_brand_new" in result.stdout
+    assert "zz gadgets:\n  zz_sprocket" in result.stdout
     assert "config setters:" in result.stdout and "data preprocessors:" in result.stdout
 
 
