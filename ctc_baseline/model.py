@@ -64,7 +64,8 @@ class CTCBaseline(GRUEncoder, DecoderModel):
         logits, out_lengths = self(batch.features, batch.lengths, batch.day_indices)
         phonemes = greedy_phonemes(logits, out_lengths)
         texts = self.word_decoder.decode(log_softmax_cpu(logits), out_lengths.cpu())  # None: no text
-        return [{"predicted_phonemes": p, "predicted_text": t} for p, t in zip(phonemes, texts)]
+        return [{"predicted_phonemes": p} | ({"predicted_text": t} if t is not None else {})
+                for p, t in zip(phonemes, texts)]
 
     def split_metrics(self, split: str, rows: list[dict]) -> dict:
         return self.word_decoder.split_metrics(rows)
