@@ -98,21 +98,54 @@ def build_model(config: ExperimentConfig, sessions, trials, device) -> DecoderMo
     return model.to(device)
 
 
+class _HeldRecords(logging.Handler):
+    """Keeps what is logged while a run is set up, before its folder exists (e.g. a model
+    constructor filling a target cache or building an LM), so that run.log starts with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def run_logging(run_dir: Path):
-    """Log to the console (through tqdm, so the progress bar stays intact) and to run_dir/run.log."""
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def console_logging(*extra: logging.Handler):
+    """INFO and above to the console (through tqdm, so progress bars stay intact) and to `extra`."""
     root = logging.getLogger()
-    root.addHandler(handler)
     previous = root.level
     root.setLevel(logging.INFO)
+    for handler in extra:
+        root.addHandler(handler)
     try:
         with logging_redirect_tqdm():
             yield
     finally:
-        root.removeHandler(handler)
+        for handler in extra:
+            root.removeHandler(handler)
         root.setLevel(previous)
+
+
+@contextlib.contextmanager
+def setup_logging():
+    """Console logging while a run is set up; yields the held records for run_logging."""
+    held = _HeldRecords()
+    with console_logging(held):
+        yield held.records
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path, earlier: list[logging.LogRecord] = ()):
+    """Log to the console and to run_dir/run.log, which starts with the `earlier` records."""
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for record in earlier:
+        handler.handle(record)
+    try:
+        with console_logging(handler):
+            yield
+    finally:
         handler.close()
 
 
@@ -175,14 +208,15 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     # Everything that can fail on bad input happens before the run folder exists.
     device = pick_device(config.training_params.device)
     seed_everything(config.training_params.seed)
-    model = build_model(config, list(dp.sessions), trials, device)
+    with setup_logging() as setup_records:
+        model = build_model(config, list(dp.sessions), trials, device)
     trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
     stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
     meta = results.base_meta(str(device))
     meta["data_fingerprint"] = fingerprint(trials, stores)
 
     run_dir = results.prepare_out_dir(out, resume, overwrite) if out else results.new_run_dir(config.output.results_dir, config.trial_name)
-    with run_logging(run_dir):
+    with run_logging(run_dir, setup_records):
         log.info("run folder: %s", run_dir)
         resolved = dump_config(config)
         saved = run_dir / "config.yaml"
