@@ -47,7 +47,7 @@ class LLMRescorer:
                                    if params.device == "auto" else params.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(params.model)
-            self.model = AutoModelForCausalLM.from_pretrained(params.model, torch_dtype=DTYPES[params.dtype])
+            self.model = AutoModelForCausalLM.from_pretrained(params.model, dtype=DTYPES[params.dtype])
         except (OSError, ValueError) as error:  # not found locally and no hub access, or not a causal LM
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot load the rescoring LLM {params.model!r}: {first} "

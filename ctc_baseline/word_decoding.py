@@ -2,17 +2,19 @@
 
 The entry point for a model (the CTC baseline, or any other with a 41-class CTC head):
 
-    from ctc_baseline.word_decoding import WordDecoderSpec, build_word_decoder
+    from ctc_baseline.word_decoding import WordDecoderSpec, build_word_decoder, log_softmax_cpu
 
     @dataclass
     class MyParams:
         word_decoder: WordDecoderSpec = field(default_factory=WordDecoderSpec)   # greedy by default
 
     decoder = build_word_decoder(params.word_decoder, train_sentences, ctx.cache_dir)   # once, at build time
-    texts = decoder.decode(log_probs, lengths)   # (B, T, 41) log-softmax, (B,) valid frames -> B texts
+    texts = decoder.decode(log_softmax_cpu(logits), lengths)   # (B, T, 41), (B,) valid frames -> B texts
+    extra = decoder.split_metrics(rows)   # for the model's split_metrics: {"word_decoder_oov_rate": ...}
 
 `texts[i]` is None for decoders that write no text (`greedy`: the model's phonemes are all there
-is). Registered decoders (`python main.py list`):
+is). The training transcriptions of a run: `ctc_baseline.model.training_sentences(ctx)`.
+Registered decoders (`python main.py list`):
 
 - `greedy`: no words.
 - `lexicon_ngram`: CTC beam search constrained by a pronunciation lexicon and scored by an n-gram
