@@ -3,7 +3,8 @@
 
 Both sides train the same model (same state dict), on the same batches (the trial indices of
 TrainBatchSampler), with the same preprocessors (ctc_baseline's augment + gaussian_smoothing), the same
-loss (CTC, mean over trials), the same optimizer (the harness's AdamW groups) and the same clipping.
+loss (CTC, mean over trials), the same optimizer (the harness's AdamW groups, fused as the reference
+trainer's) and the same clipping.
 What differs is only what the issue names:
 
   reference   the reference GRUDecoder re-implemented below, op for op: per-trial stacked day weights
@@ -12,11 +13,13 @@ What differs is only what the issue names:
   ref+preload the same reference model on this project's data path (ablation: isolates the data path)
   ours        ctc_baseline.CTCBaseline (grouped day layers), pack_sequences false, with the harness
               data path (FeatureStore preloaded once, TrialDataset + collate)
-  ours+pack   the same with pack_sequences true (the GRU skips padded steps)
-  proto-split, proto-fused
-              prototypes of a suggested gru_decoder change, NOT project code (see "Prototypes" below):
-              CTCBaseline whose GRU skips padded steps without ATen's packed CPU backward. CPU only
-              (per-step Python loops; on CUDA use ours+pack, cuDNN's packed kernels).
+  ours+pack   the same with pack_sequences true: nothing is computed for padding (day layer on the
+              bins valid patches read, valid patches only, GRU over valid steps: on CPU through
+              gru_decoder.packed_gru, on CUDA through nn.GRU on a PackedSequence)
+  ours+atenpack
+              ablation, CPU only: the encoder's packed path as it was before packed_gru: day layer and
+              patching over the padded batch, then nn.GRU on a PackedSequence (ATen's packed CPU GRU;
+              on CUDA that is what ours+pack does for the GRU, so leave it out there)
 
 Both data paths run inside the training process (the harness default num_workers 0). The reference
 trainer reads in DataLoader workers, which hide its HDF5 time only where there are spare cores; on a
@@ -32,11 +35,12 @@ threshold (MALLOC_MMAP_THRESHOLD_=131072) so that RSS follows the live tensors r
 
 Before timing, a "same math" check: one batch, eval mode, no augmentation: both data paths give the
 same tensors; the reference model and ours (pack off and on) give the same logits on every valid
-frame (atol 1e-4), the same loss and the same gradients.
+frame (atol 1e-4), the same loss and the same gradients (every "ours" variant is checked).
 
     .venv/bin/python benchmarks/ctc_train_step.py                      # both sizes, CPU (~7 min on 2 cores)
-    .venv/bin/python benchmarks/ctc_train_step.py --size default --steps 30
-    .venv/bin/python benchmarks/ctc_train_step.py --device cuda --amp --compile   # GPU: bf16 + compile, both sides
+    .venv/bin/python benchmarks/ctc_train_step.py --size default tiny --steps 30   # tiny: configs/ctc_baseline/tiny.yml
+    .venv/bin/python benchmarks/ctc_train_step.py --device cuda --amp --compile \
+        --variants reference ref+preload ours ours+pack                          # GPU: bf16 + compile, both sides
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import ctc_baseline  # noqa: E402,F401  (registers the model and its preprocessors)
 from config import load_config  # noqa: E402
@@ -99,6 +103,8 @@ SIZES = {
     "default": Size("default", "configs/ctc_baseline/ctc_baseline.yml", steps=30, warmup=2),
     # configs/ctc_baseline/b2txt25.yml: 768 units, 5 layers, batch 64, 45 day layers (the data's days map into them)
     "published": Size("published", "configs/ctc_baseline/b2txt25.yml", n_days=45, steps=6, warmup=1, memory_steps=2),
+    # configs/ctc_baseline/tiny.yml (the tests' config): 64 units, 1 layer, batch 16; not in the default run
+    "tiny": Size("tiny", "configs/ctc_baseline/tiny.yml", steps=40, warmup=2),
     # for the smoke test only
     "toy": Size("toy", "configs/ctc_baseline/tiny.yml", steps=2, warmup=1, memory_steps=1,
                 model_overrides={"n_units": 16}, data_overrides={"batch_size": 8}),
@@ -108,9 +114,8 @@ VARIANTS = {
     "reference": "reference approach (stacked day weights, padded GRU, HDF5 reopened per batch)",
     "ref+preload": "reference model on the harness data path (ablation)",
     "ours": "this implementation, pack_sequences false",
-    "ours+pack": "this implementation, pack_sequences true",
-    "proto-split": "prototype, not project code: CTCBaseline + split_gru (below)",
-    "proto-fused": "prototype, not project code: CTCBaseline + fused_gru (below)",
+    "ours+pack": "this implementation, pack_sequences true (nothing computed for padding; packed_gru on CPU)",
+    "ours+atenpack": "ablation (CPU): the packed path before packed_gru (padded day layer, ATen's packed GRU)",
 }
 DEFAULT_VARIANTS = list(VARIANTS)
 
@@ -234,127 +239,22 @@ class HarnessBatchReader:
 
 
 # ----------------------------------------------------------------------------------------------
-# Prototypes of a suggested gru_decoder change (variants proto-split and proto-fused; CPU; not
-# project code: measured here so that the suggestion comes with figures)
-#
-# Why: ATen's packed GRU on CPU precomputes each layer's input gates over the valid frames (good),
-# then takes every time step with `narrow`; the backward of each narrow materialises a zero-filled
-# gradient the size of the whole packed sequence and adds it up, so the packed backward moves
-# O(steps x frames) memory and eats what skipping the padding saved. Both prototypes run nn.GRU's
-# math (gate order r, z, n; same parameters, same state dict) on the valid steps only:
-#   proto-split  plain autograd, the steps taken with `split` (backward: one cat);
-#   proto-fused  a hand-written backward per layer: the recurrence step by step, then the hidden
-#                weights' gradient as one GEMM over all steps instead of one small GEMM per step.
+# Ablation ours+atenpack: the encoder's packed path before packed_gru (what the new path buys on CPU)
 
 
-def _packed(x, lengths, h0):
-    packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-    return packed, packed.batch_sizes.tolist(), h0.index_select(1, packed.sorted_indices)
-
-
-def _gru_weights(gru: nn.GRU, layer: int):
-    return (getattr(gru, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-
-
-def _unpack(gru, data, packed, total_length):
-    out = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-    return pad_packed_sequence(out, batch_first=True, total_length=total_length)[0]
-
-
-def split_gru(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """x (B, P, D), lengths (B,) valid steps, h0 (layers, B, H) -> (B, P, H), zeros past each length."""
-    packed, batch_sizes, h = _packed(x, lengths, h0)
-    data = packed.data
-    for layer in range(gru.num_layers):
-        w_ih, w_hh, b_ih, b_hh = _gru_weights(gru, layer)
-        hidden, outs = h[layer], []
-        for gates, n in zip(F.linear(data, w_ih, b_ih).split(batch_sizes), batch_sizes):
-            hidden = hidden[:n]  # rows are sorted by length: the first n are still running
-            i_r, i_z, i_n = gates.chunk(3, 1)
-            h_r, h_z, h_n = F.linear(hidden, w_hh, b_hh).chunk(3, 1)
-            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-            new = torch.tanh(i_n + r * h_n)
-            hidden = new + z * (hidden - new)  # (1 - z) * n + z * h
-            outs.append(hidden)
-        data = torch.cat(outs)
-        if layer < gru.num_layers - 1 and gru.dropout and gru.training:
-            data = F.dropout(data, gru.dropout, training=True)
-    return _unpack(gru, data, packed, x.shape[1])
-
-
-class _PackedGRULayer(torch.autograd.Function):
-    """One GRU layer over packed rows (batch_sizes non-increasing) from precomputed input gates."""
-
-    @staticmethod
-    def forward(ctx, gates_in, h0, w_hh, b_hh, batch_sizes):
-        H, hidden, outs, saved = h0.shape[1], h0, [], []
-        for gi, n in zip(gates_in.split(batch_sizes), batch_sizes):
-            prev = hidden[:n]
-            gh = torch.addmm(b_hh, prev, w_hh.t())
-            rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
-            h_n = gh[:, 2 * H:]
-            new = torch.tanh(gi[:, 2 * H:] + rz[:, :H] * h_n)
-            hidden = new + rz[:, H:] * (prev - new)
-            outs.append(hidden)
-            saved.append((rz, new, h_n))
-        out = torch.cat(outs)
-        ctx.steps, ctx.batch_sizes = saved, batch_sizes
-        ctx.save_for_backward(h0, w_hh, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h0, w_hh, out = ctx.saved_tensors
-        sizes, H = ctx.batch_sizes, h0.shape[1]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        d_in = grad_out.new_empty(out.shape[0], 3 * H)  # d(input gates), every step's rows
-        d_hh = grad_out.new_empty(out.shape[0], 3 * H)  # d(hidden gates)
-        prev_all = out.new_empty(out.shape[0], H)  # each step's previous hidden state
-        carry = None
-        for t in range(len(sizes) - 1, -1, -1):
-            n, a, b = sizes[t], starts[t], starts[t + 1]
-            g = grad_out[a:b]
-            if carry is not None:
-                g = g.clone()
-                g[: carry.shape[0]] += carry
-            (rz, new, h_n), r, z = ctx.steps[t], ctx.steps[t][0][:, :H], ctx.steps[t][0][:, H:]
-            prev = h0[:n] if t == 0 else out[starts[t - 1]: starts[t - 1] + n]
-            prev_all[a:b] = prev
-            d_pre_n = g * (1 - z) * (1 - new * new)
-            d_rz = torch.cat([d_pre_n * h_n, g * (prev - new)], 1) * rz * (1 - rz)
-            d_in[a:b, : 2 * H], d_in[a:b, 2 * H:] = d_rz, d_pre_n
-            d_hh[a:b, : 2 * H], d_hh[a:b, 2 * H:] = d_rz, d_pre_n * r
-            carry = g * z + d_hh[a:b] @ w_hh
-        d_h0 = torch.zeros_like(h0)
-        d_h0[: carry.shape[0]] = carry
-        return d_in, d_h0, d_hh.t() @ prev_all, d_hh.sum(0), None
-
-
-def fused_gru(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """As split_gru, each layer one _PackedGRULayer."""
-    packed, batch_sizes, h = _packed(x, lengths, h0)
-    data = packed.data
-    for layer in range(gru.num_layers):
-        w_ih, w_hh, b_ih, b_hh = _gru_weights(gru, layer)
-        data = _PackedGRULayer.apply(F.linear(data, w_ih, b_ih), h[layer], w_hh, b_hh, batch_sizes)
-        if layer < gru.num_layers - 1 and gru.dropout and gru.training:
-            data = F.dropout(data, gru.dropout, training=True)
-    return _unpack(gru, data, packed, x.shape[1])
-
-
-class PrototypeGRUBaseline(CTCBaseline):
-    """CTCBaseline whose encoder runs split_gru or fused_gru instead of nn.GRU."""
-
-    def __init__(self, p: CTCBaselineParams, gru_fn):
-        super().__init__(p)
-        self.gru_fn = gru_fn
+class ATenPackedBaseline(CTCBaseline):
+    """CTCBaseline whose pack_sequences path hands a PackedSequence to nn.GRU on CPU too: ATen's packed
+    GRU, whose backward builds a zero-filled gradient of the whole packed sequence for every time step
+    (what the encoder did on CPU before packed_gru). Same parameters and math; encode as GRUEncoder's."""
 
     def encode(self, features, lengths, day_indices):
         x = self.day_layer_dropout(self.day_layer_activation(self.day_layer(features, day_indices)))
         x = patchify(x, self.patch_size, self.patch_stride)
         out_lengths = self.output_lengths(lengths)
         h0 = self.h0.expand(self.n_layers, x.shape[0], self.n_units).contiguous()
-        return self.gru_fn(self.gru, x, out_lengths, h0), out_lengths
+        packed = pack_padded_sequence(x, out_lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = pad_packed_sequence(self.gru(packed, h0)[0], batch_first=True, total_length=x.shape[1])
+        return h, out_lengths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +273,6 @@ class Setup:
     device: torch.device
     amp: bool
     compile: bool
-    fused_adamw: bool
     store: FeatureStore | None = None
 
     @property
@@ -392,7 +291,7 @@ def day_index(data_sessions: list[str], config_sessions: list[str] | None, n_day
 
 
 def make_setup(size: Size, data_dir: str | Path, device: str = "cpu", amp: bool = False, compile: bool = False,
-               fused_adamw: bool = False, preload: bool = True, seed: int = 10) -> Setup:
+               preload: bool = True, seed: int = 10) -> Setup:
     config = load_config(ROOT / size.config)
     dp = config.data_params
     for key, value in size.data_overrides.items():
@@ -414,7 +313,7 @@ def make_setup(size: Size, data_dir: str | Path, device: str = "cpu", amp: bool 
     sampler = TrainBatchSampler(trials, dp.batch_size, dp.days_per_batch, dp.seed, num_steps=1 << 30)
     return Setup(size=size, config=config, params=params, trials=trials, sampler=sampler,
                  preprocessors=build_preprocessors(config), state=state, device=torch.device(device), amp=amp,
-                 compile=compile, fused_adamw=fused_adamw, store=FeatureStore(trials, preload=True) if preload else None)
+                 compile=compile, store=FeatureStore(trials, preload=True) if preload else None)
 
 
 @dataclass
@@ -432,8 +331,8 @@ def build_model(setup: Setup, name: str) -> nn.Module:
     if name in ("reference", "ref+preload"):
         model = ReferenceGRUDecoder(p.n_features, p.n_units, p.n_days, p.n_classes, p.rnn_dropout, p.input_dropout,
                                     p.n_layers, p.patch_size, p.patch_stride)
-    elif name.startswith("proto-"):
-        model = PrototypeGRUBaseline(replace(p, pack_sequences=False), split_gru if name == "proto-split" else fused_gru)
+    elif name == "ours+atenpack":
+        model = ATenPackedBaseline(replace(p, pack_sequences=True))
     else:
         model = CTCBaseline(replace(p, pack_sequences=name == "ours+pack"))
     model.load_state_dict(setup.state)  # strict: the key names are the reference's on both sides
@@ -453,20 +352,10 @@ def build_variant(setup: Setup, name: str) -> Variant:
     loss = reference_loss if name.startswith("ref") else (lambda m, batch: m.loss(batch)["loss"])
     tp = setup.config.training_params
     optimizer, scheduler = build_optimizer(model, tp)
-    if setup.fused_adamw:
-        optimizer, scheduler = _fused(optimizer, scheduler, tp)
     if setup.compile:
         model.compile()  # in place, as the harness (the reference compiles the module too)
     model.train()
     return Variant(name, model, read, loss, optimizer, scheduler)
-
-
-def _fused(optimizer, scheduler, tp):
-    """The same groups and schedule in a fused AdamW (the reference trainer passes fused=True)."""
-    groups = [{**{k: v for k, v in g.items() if k not in ("foreach", "fused", "initial_lr")}, "lr": g["initial_lr"]}
-              for g in optimizer.param_groups]
-    fused = torch.optim.AdamW(groups, betas=tuple(tp.betas), eps=tp.eps, fused=True)
-    return fused, torch.optim.lr_scheduler.LambdaLR(fused, scheduler.lr_lambdas)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,7 +546,7 @@ def measure_memory_here(setup: Setup, name: str, steps: int, warmup: int = 1, se
 def measure_memory_subprocess(args, size: str, name: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", name, "--size", size,
            "--data-dir", str(args.data_dir), "--device", args.device, "--threads", str(torch.get_num_threads())]
-    cmd += ["--amp"] * args.amp + ["--compile"] * args.compile + ["--fused-adamw"] * args.fused_adamw
+    cmd += ["--amp"] * args.amp + ["--compile"] * args.compile
     if args.memory_steps is not None:
         cmd += ["--memory-steps", str(args.memory_steps)]
     # A fixed glibc mmap threshold: every large tensor is mmapped and returned on free, so RSS follows
@@ -733,7 +622,6 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only), both sides")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
-    ap.add_argument("--fused-adamw", action="store_true", help="fused AdamW on both sides (the reference passes fused=True)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--data-dir", default=str(ROOT / "data" / "synthetic"))
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -752,7 +640,7 @@ def main(argv=None) -> int:
 
     if args.variant is not None:  # the memory subprocess: one size, one variant
         size = SIZES[args.size[0]]
-        setup = make_setup(size, args.data_dir, args.device, args.amp, args.compile, args.fused_adamw,
+        setup = make_setup(size, args.data_dir, args.device, args.amp, args.compile,
                            preload=args.variant != "reference")
         steps = args.memory_steps if args.memory_steps is not None else size.memory_steps
         print(MEMORY_TAG + json.dumps(measure_memory_here(setup, args.variant, steps)), flush=True)
@@ -766,12 +654,12 @@ def main(argv=None) -> int:
         steps = args.steps if args.steps is not None else size.steps
         warmup = args.warmup if args.warmup is not None else size.warmup
         started = time.monotonic()
-        setup = make_setup(size, args.data_dir, args.device, args.amp, args.compile, args.fused_adamw)
+        setup = make_setup(size, args.data_dir, args.device, args.amp, args.compile)
         n_params = sum(v.numel() for v in setup.state.values())
         print(f"\n== size {name}: {size.config}, n_units {setup.params.n_units}, n_layers {setup.params.n_layers}, "
               f"n_days {setup.params.n_days}, batch {setup.batch_size}, {n_params:,} parameters, "
               f"{len(setup.trials)} train trials", flush=True)
-        check = same_math_check(setup, ["ours", "ours+pack"] + [v for v in args.variants if v.startswith("proto-")])
+        check = same_math_check(setup, ["ours", "ours+pack"] + [v for v in args.variants if v == "ours+atenpack"])
         print(f"same math: {'PASS' if check['ok'] else 'FAIL'} (same batch tensors: {check['same_data']}; "
               + "; ".join(f"{k}: max |logit diff| {c['max_abs_logit_diff']:.1e}, loss {c['loss']:.5f} vs "
                           f"{c['ref_loss']:.5f}, max rel. grad diff {c['max_rel_grad_diff']:.1e}"

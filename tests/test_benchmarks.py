@@ -28,9 +28,9 @@ def test_every_variant_runs_and_the_math_is_the_same(bench, synthetic_dataset):
     setup = bench.make_setup(size, synthetic_dataset)
     assert setup.params.n_days == 45 and {t.day for t in setup.trials} == {0, 1, 2, 3}
 
-    check = bench.same_math_check(setup, ["ours", "ours+pack", "proto-split", "proto-fused"])
+    check = bench.same_math_check(setup, ["ours", "ours+pack", "ours+atenpack"])
     assert check["ok"] and check["same_data"], check
-    for name in ("ours", "ours+pack", "proto-split", "proto-fused"):
+    for name in ("ours", "ours+pack", "ours+atenpack"):
         assert check[name]["max_abs_logit_diff"] <= 1e-4 and check[name]["max_rel_grad_diff"] <= 1e-3
 
     timing = bench.time_interleaved(setup, list(bench.VARIANTS), steps=1, warmup=1, log=None)
@@ -43,7 +43,7 @@ def test_every_variant_runs_and_the_math_is_the_same(bench, synthetic_dataset):
     assert memory["peak_rss_mb"] > 0
     results = {"toy-published": {"timing": timing, "memory": {"reference": memory}}}
     text = bench.table(results, torch.device("cpu"))
-    assert "| toy-published | ours+pack |" in text and "proto-split" in bench.phase_table(results)
+    assert "| toy-published | ours+pack |" in text and "ours+atenpack" in bench.phase_table(results)
 
 
 def test_cli_with_a_memory_subprocess(bench, synthetic_dataset, tmp_path, capsys):
