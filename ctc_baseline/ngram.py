@@ -22,7 +22,6 @@ Why hand-written: `lmplz` (C++) has no wheel and is not installed here, and no P
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import subprocess
@@ -32,8 +31,6 @@ from pathlib import Path
 
 from harness.errors import UserError
 from harness.results import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # lmplz --discount_fallback defaults
