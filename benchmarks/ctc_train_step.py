@@ -71,7 +71,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 import ctc_baseline  # noqa: E402,F401  (registers the model and its preprocessors)
 from config import load_config  # noqa: E402
 from ctc_baseline import CTCBaseline, CTCBaselineParams  # noqa: E402
-from gru_decoder.encoder import patchify  # noqa: E402
+from gru_decoder.encoder import output_lengths, patchify  # noqa: E402
 from harness.batching import Batch, TrainBatchSampler, TrialDataset, collate  # noqa: E402
 from harness.data import FeatureStore, find_sessions, read_trials  # noqa: E402
 from harness.evaluation import apply_preprocessors, autocast  # noqa: E402
@@ -463,6 +463,20 @@ def same_math_check(setup: Setup, names=("ours", "ours+pack"), atol: float = 1e-
 # Interleaved timing (one process)
 
 
+def valid_shares(setup: Setup, steps: int, warmup: int) -> dict:
+    """Share of the padded batch that valid outputs read, over the timed steps' batches (before the random
+    cut): GRU frames (valid patches / batch x longest) and input bins (bins inside valid patches / batch x
+    longest). Skipping padding can at best shrink the encoder's work to these shares."""
+    frames, bins = [], []
+    for r in range(warmup, warmup + steps):
+        lengths = torch.tensor([setup.trials[i].n_time_steps for i in setup.sampler.batch_for_step(r)])
+        n_out = output_lengths(lengths, setup.params.patch_size, setup.params.patch_stride)
+        n_bins = torch.where(n_out > 0, (n_out - 1) * setup.params.patch_stride + setup.params.patch_size, 0)
+        frames.append(float(n_out.sum() / (len(lengths) * n_out.max())))
+        bins.append(float(n_bins.sum() / (len(lengths) * lengths.max())))
+    return {"gru_frames": statistics.mean(frames), "input_bins": statistics.mean(bins)}
+
+
 def time_interleaved(setup: Setup, names: list[str], steps: int, warmup: int, seed: int = 1000,
                      log=print) -> dict:
     variants = [build_variant(setup, name) for name in names]
@@ -659,6 +673,9 @@ def main(argv=None) -> int:
         print(f"\n== size {name}: {size.config}, n_units {setup.params.n_units}, n_layers {setup.params.n_layers}, "
               f"n_days {setup.params.n_days}, batch {setup.batch_size}, {n_params:,} parameters, "
               f"{len(setup.trials)} train trials", flush=True)
+        shares = valid_shares(setup, steps, warmup)
+        print(f"valid share of the padded batches: {shares['gru_frames']:.1%} of GRU frames, "
+              f"{shares['input_bins']:.1%} of input bins", flush=True)
         check = same_math_check(setup, ["ours", "ours+pack"] + [v for v in args.variants if v == "ours+atenpack"])
         print(f"same math: {'PASS' if check['ok'] else 'FAIL'} (same batch tensors: {check['same_data']}; "
               + "; ".join(f"{k}: max |logit diff| {c['max_abs_logit_diff']:.1e}, loss {c['loss']:.5f} vs "
@@ -676,7 +693,8 @@ def main(argv=None) -> int:
                 memory[variant] = measure_memory_subprocess(args, name, variant)
                 print(f"  [{name}] memory {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in memory[variant].items()
                                                                    if isinstance(v, float)), flush=True)
-        results[name] = {"same_math": check, "timing": timing, "memory": memory, "steps": steps, "warmup": warmup,
+        results[name] = {"same_math": check, "valid_shares": shares, "timing": timing, "memory": memory,
+                         "steps": steps, "warmup": warmup,
                          "seconds": time.monotonic() - started}
 
     print("\nmachine: " + ", ".join(f"{k} {v}" for k, v in info.items()))

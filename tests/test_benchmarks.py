@@ -2,6 +2,7 @@
 same-math check passes, every variant trains a step, the memory subprocess answers, the table renders."""
 
 import importlib.util
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -53,3 +54,5 @@ def test_cli_with_a_memory_subprocess(bench, synthetic_dataset, tmp_path, capsys
     printed = capsys.readouterr().out
     assert rc == 0 and "same math: PASS" in printed and "| toy | reference |" in printed
     assert out.is_file() and "reference: peak_rss_mb" in printed
+    shares = json.loads(out.read_text())["results"]["toy"]["valid_shares"]
+    assert 0 < shares["gru_frames"] < 1 and 0 < shares["input_bins"] < 1  # the test data's lengths vary
