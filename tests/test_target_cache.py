@@ -6,10 +6,10 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 
 from audio_alignment.cache import TargetCache
 from audio_alignment.targets import TargetParams, build_target_maker, resolve_target_params
+from tests.test_audio_targets import one_torch_thread  # noqa: F401  (autouse: one torch thread here too)
 
 SENTENCES = ["I want to go home now.", "The dog finds a red ball.", "Can you bring my coat?"]
 
@@ -26,16 +26,6 @@ class Counting:
     def __call__(self, sentences):
         self.asked.extend(sentences)
         return self.maker(sentences)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy machine every op of two threads waits for
-    the slower one (measured: a tiny VITS sentence 60 ms on one thread, 2-4 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
