@@ -52,11 +52,25 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (x * mask.unsqueeze(2)).sum(1) / lengths.clamp(min=1).to(x.dtype).unsqueeze(1)
 
 
+def unit_frames(x: torch.Tensor, lengths: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """(B, T, D) -> (B, n_frames, D): resampled valid frames, each scaled to unit norm."""
+    return F.normalize(resample(x, lengths, n_frames), dim=-1)
+
+
+def unit_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (B, D): the mean of the valid frames, scaled to unit norm."""
+    return F.normalize(masked_mean(x, lengths), dim=-1)
+
+
+def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unit frames (A, N, D) and (B, N, D) -> (A, B): mean frame-wise cosine of every pair."""
+    return torch.einsum("akd,bkd->ab", a, b) / a.shape[1]
+
+
 def sequence_cosine(brain: torch.Tensor, brain_lengths: torch.Tensor, target: torch.Tensor,
                     target_lengths: torch.Tensor, n_frames: int) -> torch.Tensor:
     """Mean frame-wise cosine per trial after resampling both sides to n_frames: (B,)."""
-    b = F.normalize(resample(brain, brain_lengths, n_frames), dim=-1)
-    t = F.normalize(resample(target, target_lengths, n_frames), dim=-1)
+    b, t = unit_frames(brain, brain_lengths, n_frames), unit_frames(target, target_lengths, n_frames)
     return (b * t).sum(-1).mean(-1)
 
 
@@ -69,15 +83,12 @@ def interpolated_cosine_loss(brain, brain_lengths, target, target_lengths, n_fra
 
 def pooled_similarity(brain, brain_lengths, target, target_lengths) -> torch.Tensor:
     """(B, S): cosine between each trial's mean embedding and each target's mean frame."""
-    b = F.normalize(masked_mean(brain, brain_lengths), dim=-1)
-    return b @ F.normalize(masked_mean(target, target_lengths), dim=-1).T
+    return unit_mean(brain, brain_lengths) @ unit_mean(target, target_lengths).T
 
 
 def sequence_similarity(brain, brain_lengths, target, target_lengths, n_frames: int) -> torch.Tensor:
     """(B, S): mean frame-wise cosine of each trial with each target, both resampled to n_frames."""
-    b = F.normalize(resample(brain, brain_lengths, n_frames), dim=-1)
-    t = F.normalize(resample(target, target_lengths, n_frames), dim=-1)
-    return torch.einsum("bkd,skd->bs", b, t) / n_frames
+    return frame_similarity(unit_frames(brain, brain_lengths, n_frames), unit_frames(target, target_lengths, n_frames))
 
 
 def info_nce(similarity: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

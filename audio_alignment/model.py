@@ -140,8 +140,8 @@ class GRUAlign(GRUEncoder, DecoderModel):
         if not sentences:
             self.candidates = None
             return
-        standardized = {s: self.standardize(t.float()) for s, t in self.targets.get(sentences).items()}
-        self.candidates = build_candidates(sentences, standardized, self.p.align_frames, self.target_mean.device)
+        targets, lengths = self.batch_targets(sentences, self.target_mean.device)
+        self.candidates = build_candidates(sentences, targets, lengths, self.p.align_frames)
 
     def decode(self, batch):
         hidden, emb, lengths = self.embed(batch)
@@ -149,7 +149,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
         if self.candidates is not None:
             scores = similarity(emb, lengths, self.candidates, self.p.retrieval_score)
             best = scores.argmax(1).tolist()
-            index = self.candidates.index()
+            index = self.candidates.index
             known = [s in index for s in batch.sentences]
             true_index = torch.tensor([index.get(s, 0) for s in batch.sentences], device=scores.device)
             ranks = true_ranks(scores, true_index).tolist()
@@ -183,14 +183,6 @@ class GRUAlign(GRUEncoder, DecoderModel):
                   for r in rows]
         m = error_rates(scored, seed=self.evaluation.bootstrap_seed, n_resamples=self.evaluation.bootstrap_resamples)
         return {k: m[k] for k in ("wer", "wer_ci", "cer", "cer_ci")}
-
-    def param_group(self, name: str) -> str:
-        """The baseline's three groups: day layers, biases (no decay), the rest."""
-        if name.startswith(("day_weights.", "day_biases.")):
-            return "day"
-        if name.endswith("bias") or ".bias_" in name:
-            return "bias"
-        return "other"
 
 
 class TargetStore:

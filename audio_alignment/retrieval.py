@@ -18,39 +18,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from audio_alignment.losses import masked_mean, resample
+from audio_alignment.losses import frame_similarity, unit_frames, unit_mean
 from harness.metrics import bootstrap_ci
-
-SCORES = ("sequence", "pooled", "both")
-
 
 @dataclass
 class CandidateSet:
     sentences: list[str]
+    index: dict[str, int]  # sentence -> its position
     sequences: torch.Tensor  # (C, n_frames, D) unit-norm frames
     pooled: torch.Tensor  # (C, D) unit-norm
 
-    def index(self) -> dict[str, int]:
-        return {s: i for i, s in enumerate(self.sentences)}
 
-
-def pad_targets(targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """list of (T_i, D) -> (B, T_max, D) zero padded, lengths (B,)."""
-    lengths = torch.tensor([len(t) for t in targets], dtype=torch.int64)
-    return torch.nn.utils.rnn.pad_sequence(targets, batch_first=True), lengths
-
-
-def build_candidates(sentences: list[str], targets: dict[str, torch.Tensor], n_frames: int,
-                     device: torch.device) -> CandidateSet:
-    padded, lengths = pad_targets([targets[s].float() for s in sentences])
-    padded, lengths = padded.to(device), lengths.to(device)
-    return CandidateSet(
-        sentences=list(sentences),
-        sequences=F.normalize(resample(padded, lengths, n_frames), dim=-1),
-        pooled=F.normalize(masked_mean(padded, lengths), dim=-1),
-    )
+def build_candidates(sentences: list[str], targets: torch.Tensor, lengths: torch.Tensor, n_frames: int) -> CandidateSet:
+    """targets (C, T, D) zero padded after lengths, one row per sentence."""
+    return CandidateSet(sentences=list(sentences), index={s: i for i, s in enumerate(sentences)},
+                        sequences=unit_frames(targets, lengths, n_frames), pooled=unit_mean(targets, lengths))
 
 
 def similarity(brain: torch.Tensor, lengths: torch.Tensor, candidates: CandidateSet, score: str) -> torch.Tensor:
@@ -58,10 +41,9 @@ def similarity(brain: torch.Tensor, lengths: torch.Tensor, candidates: Candidate
     brain = brain.float()
     out = torch.zeros(brain.shape[0], len(candidates.sentences), device=brain.device)
     if score in ("sequence", "both"):
-        frames = F.normalize(resample(brain, lengths, candidates.sequences.shape[1]), dim=-1)
-        out += torch.einsum("bkd,ckd->bc", frames, candidates.sequences) / frames.shape[1]
+        out += frame_similarity(unit_frames(brain, lengths, candidates.sequences.shape[1]), candidates.sequences)
     if score in ("pooled", "both"):
-        out += F.normalize(masked_mean(brain, lengths), dim=-1) @ candidates.pooled.T
+        out += unit_mean(brain, lengths) @ candidates.pooled.T
     return out
 
 

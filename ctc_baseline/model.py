@@ -70,14 +70,6 @@ class CTCBaseline(GRUEncoder, DecoderModel):
     def split_metrics(self, split: str, rows: list[dict]) -> dict:
         return self.word_decoder.split_metrics(rows)
 
-    def param_group(self, name: str) -> str:
-        """Reference section 4: biases without decay, day layers with their own LR, the rest."""
-        if name.startswith("gru.bias") or name == "out.bias":
-            return "bias"
-        if name.startswith(("day_weights.", "day_biases.")):
-            return "day"
-        return "other"
-
 
 def greedy_phonemes(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
     """Best class per frame up to each valid length, merge repeats, THEN drop blanks.

@@ -94,6 +94,15 @@ class GRUEncoder(nn.Module):
         order = torch.cat(rows)
         return torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
 
+    def param_group(self, name: str) -> str:
+        """Reference section 4, for every model on this encoder: day layers (own LR, no decay), biases
+        (the GRU's and the heads', no decay), the rest."""
+        if name.startswith(("day_weights.", "day_biases.")):
+            return "day"
+        if name.endswith(".bias") or name.startswith("gru.bias"):
+            return "bias"
+        return "other"
+
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return output_lengths(lengths, self.patch_size, self.patch_stride)
 

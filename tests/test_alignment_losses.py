@@ -75,8 +75,8 @@ def test_info_nce_treats_a_repeated_sentence_as_one_candidate():
 def test_retrieval_ranks_on_a_hand_made_case():
     d = 4
     sentences = ["a", "b", "c"]
-    frames = {s: torch.eye(d)[i].repeat(5, 1) for i, s in enumerate(sentences)}  # constant orthogonal frames
-    cands = build_candidates(sentences, frames, n_frames=4, device=torch.device("cpu"))
+    frames, frame_lengths = padded([torch.eye(d)[i].repeat(5, 1) for i in range(3)])  # constant orthogonal frames
+    cands = build_candidates(sentences, frames, frame_lengths, n_frames=4)
     # trial 0 looks like "b", trial 1 like "c" mixed with a bit of "a"
     brain, lengths = padded([torch.eye(d)[1].repeat(3, 1), (torch.eye(d)[2] + 0.3 * torch.eye(d)[0]).repeat(6, 1)],
                             fill=9.0)
