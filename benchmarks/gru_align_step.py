@@ -32,12 +32,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from config import load_config  # noqa: E402
 from harness import runner  # noqa: E402
 from harness.batching import TrainBatchSampler, TrialDataset, collate  # noqa: E402
-from harness.data import FeatureStore, find_sessions  # noqa: E402
+from harness.data import FeatureStore  # noqa: E402
 from harness.evaluation import apply_preprocessors  # noqa: E402
-from harness.model_api import DataSummary  # noqa: E402
 from harness.plugins import load_plugins  # noqa: E402
 from harness.train import build_optimizer  # noqa: E402
-from registry import CONFIG_SETTERS  # noqa: E402
 
 ENCODER_KEYS = ("n_units", "n_layers", "patch_size", "patch_stride", "input_dropout", "rnn_dropout", "pack_sequences")
 PUBLISHED = ["model_params.n_units=768", "model_params.n_layers=5", "model_params.pack_sequences=true",
@@ -46,14 +44,9 @@ PUBLISHED = ["model_params.n_units=768", "model_params.n_layers=5", "model_param
 
 def build(config_path: str, overrides: list[str], device: torch.device):
     config = load_config(REPO_ROOT / config_path, overrides)
-    dp = config.data_params
-    dp.sessions = find_sessions(dp.data_dir)
-    trials = runner.read_splits(config, ["train", "val", "test"])
-    preprocessors = runner.build_preprocessors(config)
-    summary = DataSummary(list(dp.sessions), trials, runner.output_width(preprocessors, dp.n_features))
-    CONFIG_SETTERS.get(config.config_setter_name)(config, summary)
+    trials, preprocessors = runner.prepare_data(config, ["train", "val", "test"])
     torch.manual_seed(config.training_params.seed)
-    model = runner.build_model(config, list(dp.sessions), trials, device).train()
+    model = runner.build_model(config, list(config.data_params.sessions), trials, device).train()
     optimizer, scheduler = build_optimizer(model, config.training_params)
     return config, model, optimizer, scheduler, trials["train"], preprocessors
 

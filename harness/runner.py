@@ -87,6 +87,19 @@ def log_skipped(skipped: dict, min_steps: int) -> None:
             log.warning("skipped %d %s trials shorter than the model's minimum of %d time steps", n, split, min_steps)
 
 
+def prepare_data(config: ExperimentConfig, splits) -> tuple[dict, list]:
+    """Sessions (all found unless listed), the splits' trials (labels, no features), the
+    preprocessors, and the config setter run on them: everything a model is built from."""
+    dp = config.data_params
+    dp.sessions = dp.sessions or find_sessions(dp.data_dir)
+    trials = read_splits(config, splits)
+    preprocessors = build_preprocessors(config)
+    if config.config_setter_name:
+        summary = DataSummary(sessions=list(dp.sessions), trials=trials, n_features=output_width(preprocessors, dp.n_features))
+        CONFIG_SETTERS.get(config.config_setter_name)(config, summary)
+    return trials, preprocessors
+
+
 def build_model(config: ExperimentConfig, sessions, trials, device) -> DecoderModel:
     constructor = MODEL_CONSTRUCTORS.get(config.model_constructor_name)
     cache_dir = os.environ.get("B2T_CACHE_DIR", str(CACHE_DIR))
@@ -197,13 +210,8 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     else:
         raise UserError("run needs --config FILE")
     dp = config.data_params
-    dp.sessions = dp.sessions or find_sessions(dp.data_dir)
     needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
-    trials = read_splits(config, [s for s in SPLITS if s in needed])
-    preprocessors = build_preprocessors(config)
-    if config.config_setter_name:
-        summary = DataSummary(sessions=list(dp.sessions), trials=trials, n_features=output_width(preprocessors, dp.n_features))
-        CONFIG_SETTERS.get(config.config_setter_name)(config, summary)
+    trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in needed])
 
     # Everything that can fail on bad input happens before the run folder exists.
     device = pick_device(config.training_params.device)
