@@ -15,16 +15,17 @@ numpy files, about forty lines; those libraries bring their own formats and lock
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
+
+from harness.results import atomic_write_bytes, atomic_write_text
 
 STORED_DTYPE = np.float16
 
@@ -55,7 +56,7 @@ class TargetCache:
         if missing:
             self._describe_config()
             show = progress and sys.stderr.isatty()
-            batch = getattr(self.maker, "batch_size", 8)
+            batch = self.maker.batch_size
             with tqdm(total=len(missing), desc=f"targets {self.maker.name}", unit="sentence", disable=not show) as bar:
                 for start in range(0, len(missing), batch):  # written as they come: an interrupted fill keeps its work
                     chunk = missing[start:start + batch]
@@ -81,9 +82,9 @@ class TargetCache:
         stored = np.asarray(frames).astype(STORED_DTYPE)
         if not np.isfinite(stored).all():
             raise ValueError(f"{self.maker.name}: targets of {sentence!r} do not fit in float16 (inf or NaN)")
-        path = self.path(sentence)
-        _atomic_write(path, lambda f: np.savez(f, frames=stored, sentence=np.array(sentence),
-                                               checksum=np.array(_checksum(stored))))
+        buffer = io.BytesIO()
+        np.savez(buffer, frames=stored, sentence=np.array(sentence), checksum=np.array(_checksum(stored)))
+        atomic_write_bytes(self.path(sentence), buffer.getvalue())
         return stored
 
     def _describe_config(self):
@@ -92,21 +93,9 @@ class TargetCache:
                 "stored_dtype": np.dtype(STORED_DTYPE).name}
         path = self.folder / "target_config.json"
         if not path.exists():
-            _atomic_write(path, lambda f: f.write(json.dumps(info, indent=2, sort_keys=True).encode()))
+            atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True))
 
 
 def _checksum(frames: np.ndarray) -> str:
     return hashlib.blake2b(f"{frames.shape}{frames.dtype}".encode() + frames.tobytes(), digest_size=16).hexdigest()
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(binary file)` to a temporary file beside `path`, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

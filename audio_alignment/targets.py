@@ -41,6 +41,7 @@ import numpy as np
 
 import config
 from harness.errors import UserError
+from harness.runner import pick_device
 from registry import Registry
 
 SAMPLE_RATE = 16_000  # every TTS hands 16 kHz mono float32 audio to the encoders
@@ -134,14 +135,9 @@ def resolve_target_params(params: TargetParams, path: str = "model_params.target
     if params.batch_size < 1:
         raise UserError(f"{path}.batch_size: must be at least 1, got {params.batch_size}")
     for key, registry in (("tts", TTS_ENGINES), ("encoder", AUDIO_ENCODERS)):
-        spec = getattr(params, key)
-        try:
-            builder = registry.get(spec.name)
-        except UserError as error:
-            raise UserError(f"{path}.{key}.name: {error}") from None
-        cls = config.params_type(builder)
-        raw = {} if spec.params is None else spec.params
-        spec.params = config.from_data(cls, raw, _KeyPath(), f"{path}.{key}.params") if cls else {}
+        spec = getattr(params, key)  # looked up and typed as config.py does for preprocessors
+        builder = config._lookup(registry, spec.name, _KeyPath(), f"{path}.{key}.name")
+        spec.params = config._typed(config.params_type(builder), spec.params, _KeyPath(), f"{path}.{key}.params")
     return params
 
 
@@ -149,24 +145,10 @@ def build_target_maker(params: TargetParams) -> TargetMaker:
     """Load the TTS engine and the encoder named in `params`. Raises UserError on unknown names or
     bad params (and on models that cannot be loaded)."""
     params = resolve_target_params(params)
-    device = resolve_device(params.device)
+    device = str(pick_device(params.device, "model_params.targets.device"))
     tts = TTS_ENGINES.get(params.tts.name)(params.tts.params, device)
     encoder = AUDIO_ENCODERS.get(params.encoder.name)(params.encoder.params, device)
     return TargetMaker(tts, encoder, params.batch_size)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"model_params.targets.device: {device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model_params.targets.device: {device!r} asked for, but no CUDA device is available")
-    return device
 
 
 def weights_digest(model) -> str:

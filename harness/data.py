@@ -220,21 +220,20 @@ def fingerprint(trials_by_split: dict[str, list[Trial]], stores: dict[str, Featu
     """What data a run read: sessions, splits, a hash of the trial keys and labels, and a content
     hash that adds the features (only when they were preloaded); the same per split in by_split."""
     keys = hashlib.blake2b(digest_size=16)
+    split_keys = {}  # per split too, so that `compare` can match runs that read different sets of splits
     for split in sorted(trials_by_split):
+        split_keys[split] = hashlib.blake2b(digest_size=16)
         for t in trials_by_split[split]:
-            keys.update(repr((t.key, t.n_time_steps, t.phoneme_ids, t.sentence)).encode())
+            key = repr((t.key, t.n_time_steps, t.phoneme_ids, t.sentence)).encode()
+            keys.update(key)
+            split_keys[split].update(key)
     content = keys.copy()
     feature_hashes = {s: stores[s].content_hash() for s in sorted(stores)}
     for value in feature_hashes.values():
         content.update(str(value).encode())
     hashed = all(v is not None for v in feature_hashes.values())
-    by_split = {}  # per split too, so that `compare` can match runs that read different sets of splits
-    for split in sorted(trials_by_split):
-        split_keys = hashlib.blake2b(digest_size=16)
-        for t in trials_by_split[split]:
-            split_keys.update(repr((t.key, t.n_time_steps, t.phoneme_ids, t.sentence)).encode())
-        by_split[split] = {"keys_hash": split_keys.hexdigest(),
-                           "features_hash": feature_hashes.get(split)}
+    by_split = {split: {"keys_hash": h.hexdigest(), "features_hash": feature_hashes.get(split)}
+                for split, h in split_keys.items()}
     return {
         "sessions": sorted({t.session for ts in trials_by_split.values() for t in ts}),
         "n_trials": {s: len(ts) for s, ts in trials_by_split.items()},

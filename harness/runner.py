@@ -35,12 +35,17 @@ CACHE_DIR = REPO_ROOT / ".cache"  # default home of model artefacts (target cach
 # Building blocks shared by `run` and `evaluate`
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, key: str = "training_params.device") -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a device that exists; `key` names the config key in errors."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"training_params.device is {name!r} but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}: {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key} is {name!r} but no CUDA device is available (use auto or cpu)")
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -139,11 +139,10 @@ def test_two_processes_filling_one_cache_do_not_corrupt_it(tmp_path):
                for order in (sentences, sentences[::-1])]
     for worker in workers:
         worker.start()
-    (misses_a, got_a), (misses_b, got_b) = results.get(timeout=60), results.get(timeout=60)
+    (_, got_a), (_, got_b) = results.get(timeout=60), results.get(timeout=60)
     for worker in workers:
         worker.join(10)
         assert worker.exitcode == 0
-    assert misses_a + misses_b >= len(sentences)  # between them, every entry was written; some twice
     expected = {s: f.astype(np.float16).tobytes() for s, f in zip(sentences, _SlowFake()(sentences))}
     assert got_a == expected and got_b == expected
     check = TargetCache(tmp_path, _SlowFake())
