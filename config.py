@@ -112,6 +112,23 @@ class OutputParams:
 
 
 @dataclass
+class SlurmParams:
+    """Resources of `run --launcher slurm` (harness/slurm.py); one task per GPU, DDP across them."""
+
+    partition: str | None = None
+    account: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 4
+    mem_gb: float | None = None  # per node; None: the partition's default
+    time_min: int = 60  # wall time; the job requeues itself before it runs out
+    max_timeouts: int = 3  # time-outs to requeue after (preemptions always requeue)
+    array_parallelism: int = 8  # --sweep: array elements that may run at once
+    log_dir: str = "results/slurm"  # submitit's job folders: <log_dir>/<job id>/
+    sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # other sbatch options, e.g. {qos: high}
+
+
+@dataclass
 class ExperimentConfig:
     trial_name: str
     model_constructor_name: str
@@ -121,6 +138,7 @@ class ExperimentConfig:
     training_params: TrainingParams = field(default_factory=TrainingParams)
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
     output: OutputParams = field(default_factory=OutputParams)
+    slurm: SlurmParams = field(default_factory=SlurmParams)
 
 
 # ----------------------------------------------------------------------------------------------
