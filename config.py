@@ -69,7 +69,12 @@ class ParamGroupParams:
 
 @dataclass
 class TrainingParams:
-    num_steps: int = 1000  # training batches
+    num_steps: int = 1000  # optimizer updates; each takes grad_accum_steps batches per rank
+    # Gradient accumulation: the optimizer steps once per grad_accum_steps batches (losses scaled so
+    # the update is that of one step on their concatenation). Under torchrun each of N ranks takes its
+    # own batches: one update sees N x grad_accum_steps x batch_size trials (harness/batching.py).
+    grad_accum_steps: int = 1
+    find_unused_parameters: bool = False  # DDP: true when a step can leave parameters without gradients
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 10  # model init, dropout and augmentation seed
     # AdamW
