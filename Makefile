@@ -9,6 +9,7 @@ SHELL := bash
 PYTHON ?= python3
 PY := .venv/bin/python
 LAUNCH ?= $(PY)
+LAUNCHER ?= local
 ARGS ?=
 RUNS ?=
 SETUP_ARGS ?=
@@ -40,6 +41,8 @@ Variables (make TARGET NAME=value)
   PYTHON        interpreter that creates .venv            [$(PYTHON)]
   LAUNCH        how a run starts                          [$(LAUNCH)]
                 e.g. LAUNCH=".venv/bin/torchrun --nproc_per_node=2"
+  LAUNCHER      local: run here; slurm: submit a job      [$(LAUNCHER)]
+                slurm resources: the config's slurm: section, ARGS="--set slurm.gpus_per_node=4"
   ARGS          extra arguments for main.py run / compare [$(ARGS)]
                 e.g. ARGS="--set training_params.num_steps=100", or for compare ARGS=--force
   RUNS          run folders for compare                   [every finished run under results/]
@@ -73,7 +76,7 @@ $(SYNTH_REPORT): | $(STAMP)
 define MODEL_RUN
 ifneq ($$(wildcard configs/$(2)/$(2).yml),)
 $(1): $$(STAMP) $$(SYNTH_REPORT)
-	$$(LAUNCH) main.py run --config configs/$(2)/$(2).yml $$(ARGS)
+	$$(LAUNCH) main.py run --config configs/$(2)/$(2).yml --launcher $$(LAUNCHER) $$(ARGS)
 else
 $(1):
 	@echo "$(1): not available yet (see the open issue for $(2))" >&2; exit 2

@@ -27,6 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = run.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    run.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                     help="local: run here (default); slurm: submit a job with the config's slurm: resources and return")
+    run.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
+                     help="one run per value (each parsed as YAML), each in its own folder (under --out if given); "
+                          "repeatable: every combination. With slurm: one job array")
 
     ev = commands.add_parser("evaluate", help="decode a split with a saved checkpoint",
                              description="Decode one split of a dataset with a saved checkpoint and write a run folder.")
@@ -60,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from harness.runner import run
+        from harness.launch import launch
 
-        run(args.config, args.overrides, args.out, args.resume, args.overwrite)
+        launch(args.config, args.overrides, args.out, args.resume, args.overwrite, args.launcher, args.sweeps)
     elif args.command == "evaluate":
         from harness.runner import evaluate
 

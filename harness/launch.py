@@ -1,0 +1,191 @@
+"""Where a run starts: here (`--launcher local`) or as a slurm job (`--launcher slurm`), and
+`--sweep KEY=v1,v2,...` expanded into one run per combination of values.
+
+A slurm launch validates every config here, picks every run folder now (a requeued job must find
+its own again), submits through submitit and returns at once. The job is `SlurmRun`: plain data
+(the config's text, the `--set` list, the folder) pickled by submitit, never a shell string. It
+runs the run with resume semantics, so running it again is always right: `DONE` -> nothing to do,
+a checkpoint -> resume, nothing yet -> start. Slurm runs it again after a preemption or a time-out
+(submitit's signal handler requeues it through `checkpoint()`) or an `scontrol requeue`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import submitit
+import yaml
+from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+from config import ExperimentConfig, SlurmParams, load_config
+from harness import results
+from harness.errors import UserError
+from harness.plugins import load_plugins
+
+log = logging.getLogger("b2t")
+
+
+def launch(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
+           launcher: str = "local", sweeps: list[str] = ()) -> None:
+    """main.py run: one run or a sweep, here or on slurm."""
+    from harness.runner import run
+
+    if launcher == "local" and not sweeps:
+        run(config_path, overrides, out, resume, overwrite)
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--sweep and --launcher slurm start runs of their own: do not start them under torchrun")
+    if sweeps and (resume or overwrite):
+        raise UserError("--sweep starts new runs: it takes neither --resume nor --overwrite")
+    load_plugins()
+    if sweeps:
+        config, planned = plan_sweep(config_path, overrides, out, sweeps)
+    else:
+        config, planned = plan_single(config_path, overrides, out, resume, overwrite)
+        if planned is None:
+            return
+    if launcher == "local":
+        for folder, run_overrides in planned:
+            run(config_path, run_overrides, str(folder), False, False)
+    else:
+        submit(config, config_path, planned)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: validated configs and their run folders
+
+
+def expand_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """`KEY=v1,v2` strings (each value YAML) -> (folder suffix, --set list) for every combination."""
+    axes = []
+    for item in sweeps:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise UserError(f"--sweep {item!r}: expected KEY.PATH=v1,v2,..., e.g. --sweep training_params.lr_max=0.01,0.003")
+        if key.split(".")[0] == "slurm":
+            raise UserError(f"--sweep {key}: the runs of a sweep share one slurm job array; set slurm.* with --set")
+        try:
+            values = yaml.safe_load(f"[{raw}]")  # a YAML flow list: "0.1,0.2" and "[1,2],[3,4]" both work
+        except yaml.YAMLError:
+            raise UserError(f"--sweep {item!r}: the values are not a valid comma-separated YAML list") from None
+        axes.append([(f"{key.split('.')[-1]}-{_for_name(v)}", f"{key}={json.dumps(v)}") for v in values])
+    return [("_".join(s for s, _ in combo), [o for _, o in combo]) for combo in itertools.product(*axes)]
+
+
+def _for_name(value) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", value if isinstance(value, str) else json.dumps(value)).strip("_")
+
+
+def plan_sweep(config_path, overrides, out, sweeps) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
+    """Every combination validated before any folder is made; each gets a new folder under --out
+    (default: the config's results_dir) named after the trial and its values."""
+    if config_path is None:
+        raise UserError("--sweep needs --config FILE")
+    combos = expand_sweeps(sweeps)
+    configs = [load_config(config_path, [*overrides, *sets]) for _, sets in combos]
+    parent = Path(out) if out else Path(configs[0].output.results_dir)
+    planned = [(results.new_run_dir(parent, f"{config.trial_name}_{suffix}"), [*overrides, *sets])
+               for config, (suffix, sets) in zip(configs, combos)]
+    return configs[0], planned
+
+
+def plan_single(config_path, overrides, out, resume, overwrite):
+    """One run for slurm: its folder now (emptied with --overwrite here, never in the job)."""
+    if resume and out is None:
+        raise UserError("--resume needs --out RUN_DIR (the run folder to continue)")
+    if resume and results.is_finished(out):
+        print(f"{out} is already finished (DONE): nothing to submit")
+        return None, None
+    if config_path is None and not (resume and (Path(out) / "config.yaml").is_file()):
+        raise UserError("run needs --config FILE")
+    config = load_config(config_path or Path(out) / "config.yaml", overrides)
+    if out is not None:
+        folder = results.prepare_out_dir(out, resume, overwrite)
+    else:
+        folder = results.new_run_dir(config.output.results_dir, config.trial_name)
+    return config, [(folder, list(overrides))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Slurm
+
+
+class SlurmRun(submitit.helpers.Checkpointable):
+    """One run as a slurm job, in a folder fixed at submit time. Checkpointable's checkpoint()
+    resubmits it unchanged when submitit catches the preemption/time-out signal: the run's own
+    checkpoints (training_params.checkpoint_every) hold the progress, not this object."""
+
+    def __init__(self, config_text: str | None, overrides: list[str], out: str):
+        self.config_text = config_text  # the config as submitted: editing the file later changes nothing
+        self.overrides = list(overrides)
+        self.out = out
+
+    def __call__(self) -> str:
+        from harness.runner import run
+
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"slurm job {os.environ.get('SLURM_JOB_ID')}, restart {restarts}: run folder {self.out}", flush=True)
+        if results.is_finished(self.out):
+            print(f"{self.out} is finished (DONE): nothing to do", flush=True)
+            return self.out
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for torch.distributed's env://;
+            # every task keeps seeing all of its node's GPUs and picks one by LOCAL_RANK, as under torchrun
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            config_path = None  # resuming a folder without a config given: the run's own config.yaml
+            if self.config_text is not None:
+                config_path = Path(tmp) / "config.yml"
+                config_path.write_text(self.config_text)
+            run(config_path and str(config_path), self.overrides, self.out, True, False)
+        return self.out
+
+
+def make_executor(sp: SlurmParams, job_name: str) -> submitit.SlurmExecutor:
+    executor = submitit.SlurmExecutor(folder=Path(sp.log_dir).absolute() / "%j", max_num_timeout=sp.max_timeouts)
+    params = dict(job_name=job_name, nodes=sp.nodes, ntasks_per_node=max(1, sp.gpus_per_node),
+                  cpus_per_task=sp.cpus_per_task, time=sp.time_min, array_parallelism=sp.array_parallelism,
+                  stderr_to_stdout=True, additional_parameters={"requeue": True, **sp.sbatch})
+    optional = {"partition": sp.partition, "account": sp.account, "gpus_per_node": sp.gpus_per_node or None,
+                "mem": f"{round(sp.mem_gb * 1024)}M" if sp.mem_gb else None}
+    executor.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
+    return executor
+
+
+def submit(config: ExperimentConfig, config_path: str | None, planned: list[tuple[Path, list[str]]]) -> list:
+    """Submit one job (one planned run) or one job array (a sweep); print ids, folders and logs."""
+    if shutil.which("sbatch") is None:
+        _remove_empty(planned)
+        raise UserError("sbatch not found: slurm is not installed here (use --launcher local)")
+    config_text = Path(config_path).read_text() if config_path is not None else None
+    executor = make_executor(config.slurm, config.trial_name)
+    calls = [SlurmRun(config_text, run_overrides, str(folder.absolute())) for folder, run_overrides in planned]
+    try:
+        if len(calls) == 1:
+            jobs = [executor.submit(calls[0])]
+        else:
+            with executor.batch():  # one job array, at most slurm.array_parallelism running at once
+                jobs = [executor.submit(call) for call in calls]
+    except (FailedJobError, FailedSubmissionError) as error:
+        _remove_empty(planned)
+        raise UserError(f"sbatch refused the job: {str(error).strip().splitlines()[-1]}") from None
+    if len(jobs) > 1:
+        print(f"submitted slurm job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs, "
+              f"at most {config.slurm.array_parallelism} at once")
+    for job, (folder, _) in zip(jobs, planned):
+        print(f"submitted slurm job {job.job_id}: run folder {folder}, log {job.paths.stdout}")
+    return jobs
+
+
+def _remove_empty(planned) -> None:
+    for folder, _ in planned:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
