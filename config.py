@@ -74,7 +74,9 @@ class TrainingParams:
     # the update is that of one step on their concatenation). Under torchrun each of N ranks takes its
     # own batches: one update sees N x grad_accum_steps x batch_size trials (harness/batching.py).
     grad_accum_steps: int = 1
-    find_unused_parameters: bool = False  # DDP: true when a step can leave parameters without gradients
+    # DDP (torchrun): some parameters get no gradient in a step (the day layers of sessions not in the
+    # batch), which DDP must be told about; false saves a graph walk per step where every one is used
+    find_unused_parameters: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 10  # model init, dropout and augmentation seed
     # AdamW
