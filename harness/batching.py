@@ -4,6 +4,8 @@ Training: each batch draws `days_per_batch` sessions uniformly without replaceme
 `batch_size // days_per_batch` trials per session with replacement (reference section 4). The draw
 for step s depends only on (seed, s), so resuming at step s gives the same batches without saving
 sampler state, and DataLoader workers never touch the sampling.
+Several ranks (torchrun) and gradient accumulation share that one stream: each optimizer step
+consumes `world_size * grad_accum_steps` consecutive batches of it (see TrainBatchSampler).
 Evaluation: each session's trials in order, in chunks of at most `eval_batch_size`.
 """
 
@@ -80,10 +82,20 @@ def collate(items) -> Batch:
 
 
 class TrainBatchSampler:
-    """Batch sampler yielding trial indices for steps [start_step, num_steps)."""
+    """Batch sampler yielding trial indices for optimizer steps [start_step, num_steps).
+
+    One global, seeded stream of batches (`batch_for_step(i)` is its i-th batch, each drawn with
+    `days_per_batch` as above). An optimizer step takes `world_size * grad_accum_steps` consecutive
+    batches of it: micro-batch k of step s is global batch m = s * grad_accum_steps + k, and rank r
+    trains on batch m * world_size + r. So the N ranks' batches of one micro-step are N consecutive
+    batches of the one-process stream, the update sees N x grad_accum_steps x batch_size trials, and
+    a 2-rank run sees exactly the batches of a 1-process run with grad_accum_steps=2. Resuming at a
+    step needs nothing but that step.
+    """
 
     def __init__(self, trials: list[Trial], batch_size: int, days_per_batch: int, seed: int,
-                 num_steps: int, start_step: int = 0):
+                 num_steps: int, start_step: int = 0, *, rank: int = 0, world_size: int = 1,
+                 grad_accum_steps: int = 1):
         if not trials:
             raise UserError("no training trials: the train split of the selected sessions is empty")
         self.by_day: dict[int, np.ndarray] = {}
@@ -96,19 +108,22 @@ class TrainBatchSampler:
         if self.per_day < 1:
             raise UserError(f"batch_size {batch_size} is smaller than days_per_batch {days_per_batch}")
         self.seed, self.num_steps, self.start_step = seed, num_steps, start_step
+        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
 
     def batch_for_step(self, step: int) -> list[int]:
+        """The `step`-th batch of the global stream (one process, no accumulation: step `step`)."""
         rng = np.random.default_rng([self.seed, step])
         days = rng.choice(self.days, size=self.days_per_batch, replace=False)
         picks = [rng.choice(self.by_day[d], size=self.per_day, replace=True) for d in days]
         return np.concatenate(picks).tolist()
 
     def __iter__(self):
-        for step in range(self.start_step, self.num_steps):
-            yield self.batch_for_step(step)
+        k = self.grad_accum_steps
+        for micro_step in range(self.start_step * k, self.num_steps * k):
+            yield self.batch_for_step(micro_step * self.world_size + self.rank)
 
     def __len__(self) -> int:
-        return max(0, self.num_steps - self.start_step)
+        return max(0, self.num_steps - self.start_step) * self.grad_accum_steps
 
 
 def eval_batches(trials: list[Trial], eval_batch_size: int) -> list[list[int]]:

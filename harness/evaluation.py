@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch.utils.data import DataLoader
 
+from harness import distributed
 from harness.batching import TrialDataset, collate, eval_batches
 from harness.data import FeatureStore, Trial
 from harness.metrics import split_metrics, trial_error_columns
@@ -32,25 +33,42 @@ def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, 
                    device: torch.device, eval_batch_size: int, num_workers: int = 0, amp: bool = False,
                    bootstrap_resamples: int = 10_000, bootstrap_seed: int = 0, with_loss: bool = False):
     """Returns (rows, metrics, mean_loss). Rows follow the per_trial.csv contract plus the model's
-    own columns; the mean loss is over labelled batches (None if not asked or unlabeled)."""
+    own columns; the mean loss is over labelled batches (None if not asked or unlabeled).
+
+    Under torchrun the evaluation batches are shared out (batch i to rank i % N) and gathered on
+    rank 0 in the one-process order, so rank 0 gets exactly what one process would; the other ranks
+    get ([], {}, None). Every rank's model sees the whole split in `prepare_split` (retrieval needs
+    every candidate)."""
     was_training = model.training
     model.eval()
     model.prepare_split(split, trials)
-    loader = DataLoader(TrialDataset(trials, store), batch_sampler=eval_batches(trials, eval_batch_size),
+    batches = eval_batches(trials, eval_batch_size)
+    mine = list(range(distributed.rank(), len(batches), distributed.world_size()))
+    loader = DataLoader(TrialDataset(trials, store), batch_sampler=[batches[i] for i in mine],
                         collate_fn=collate, num_workers=num_workers,
                         generator=torch.Generator())  # leaves the global RNG (augmentation, dropout) alone
-    rows, loss_sum, loss_n = [], 0.0, 0
-    for batch in loader:
+    decoded = []  # (batch index, rows, loss x trials or None)
+    for index, batch in zip(mine, loader):
         batch = apply_preprocessors(batch.to(device), preprocessors, training=False)
+        loss = None
         with autocast(device, amp):
             if with_loss and batch.phoneme_ids is not None:
-                loss_sum += float(model.loss(batch)["loss"]) * len(batch)
-                loss_n += len(batch)
+                loss = float(model.loss(batch)["loss"]) * len(batch)
             predictions = model.decode(batch)
         if len(predictions) != len(batch):
             raise RuntimeError(f"{type(model).__name__}.decode returned {len(predictions)} rows for {len(batch)} trials")
-        rows.extend(trial_row(t, p) for t, p in zip(batch.trials, predictions))
+        decoded.append((index, [trial_row(t, p) for t, p in zip(batch.trials, predictions)], loss))
     model.train(was_training)
+    gathered = distributed.gather_object(decoded)
+    if not distributed.is_main():
+        return [], {}, None
+    decoded = sorted((d for part in gathered for d in part), key=lambda d: d[0])
+    rows = [row for _, batch_rows, _ in decoded for row in batch_rows]
+    loss_sum, loss_n = 0.0, 0
+    for _, batch_rows, loss in decoded:  # summed in batch order: the one-process float sum
+        if loss is not None:
+            loss_sum += loss
+            loss_n += len(batch_rows)
     metrics = split_metrics(rows, n_resamples=bootstrap_resamples, seed=bootstrap_seed)
     metrics.update(model.split_metrics(split, rows))
     return rows, metrics, (loss_sum / loss_n if loss_n else None)

@@ -2,6 +2,10 @@
 
 config (+ --set) -> config setter -> data -> preprocessors -> model -> training -> decoding of the
 evaluation splits -> per-trial rows -> metrics -> run folder, `DONE` last.
+
+Under torchrun every rank runs these functions: all of them read the data, build the model, train
+and decode their share; rank 0 alone makes the run folder (and tells the others its path), logs to
+run.log and writes the results (harness/distributed.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import ExperimentConfig, dump_config, load_config
-from harness import results
+from harness import distributed, results
 from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, read_trials
 from harness.errors import UserError
 from harness.evaluation import evaluate_split
@@ -52,6 +56,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_other_ranks(seed: int) -> None:
+    """After the (identical) model init: ranks other than 0 reseed from (seed, rank), so their
+    augmentation and dropout draws differ; rank 0 goes on as one process would."""
+    if distributed.rank() > 0:
+        seed_everything(int(np.random.SeedSequence([seed, distributed.rank()]).generate_state(1)[0]))
+
+
+def check_training_params(config: ExperimentConfig) -> None:
+    if config.training_params.grad_accum_steps < 1:
+        raise UserError(f"training_params.grad_accum_steps is {config.training_params.grad_accum_steps}: "
+                        "it must be at least 1")
+
+
+def shared_run_dir(make) -> Path:
+    """Rank 0 makes the run folder (`make()`); every rank gets its path."""
+    return Path(distributed.broadcast_object(str(make()) if distributed.is_main() else None))
 
 
 def build_preprocessors(config: ExperimentConfig) -> list:
@@ -134,10 +156,13 @@ def console_logging(*extra: logging.Handler):
     root = logging.getLogger()
     previous = root.level
     root.setLevel(logging.INFO)
+    console = logging_redirect_tqdm()
+    if not distributed.is_main():  # the other ranks: warnings and errors on the console, nothing else
+        extra, console = (distributed.rank_console_handler(),), contextlib.nullcontext()
     for handler in extra:
         root.addHandler(handler)
     try:
-        with logging_redirect_tqdm():
+        with console:
             yield
     finally:
         for handler in extra:
@@ -155,7 +180,12 @@ def setup_logging():
 
 @contextlib.contextmanager
 def run_logging(run_dir: Path, earlier: list[logging.LogRecord] = ()):
-    """Log to the console and to run_dir/run.log, which starts with the `earlier` records."""
+    """Log to the console and to run_dir/run.log, which starts with the `earlier` records
+    (rank 0: the others only log their warnings to the console)."""
+    if not distributed.is_main():
+        with console_logging():
+            yield
+        return
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for record in earlier:
@@ -214,53 +244,61 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
         config = load_config(Path(out) / "config.yaml", overrides)
     else:
         raise UserError("run needs --config FILE")
+    check_training_params(config)
     dp = config.data_params
     needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
     trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in needed])
 
     # Everything that can fail on bad input happens before the run folder exists.
-    device = pick_device(config.training_params.device)
-    seed_everything(config.training_params.seed)
-    with setup_logging() as setup_records:
-        model = build_model(config, list(dp.sessions), trials, device)
-    trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
-    stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
-    meta = results.base_meta(str(device))
-    meta["data_fingerprint"] = fingerprint(trials, stores)
+    device = distributed.local_device(pick_device(config.training_params.device))
+    resolved = dump_config(config)
+    saved = Path(out) / "config.yaml" if out else None
+    if resume and saved.is_file() and saved.read_text() != resolved:
+        raise UserError(f"{saved} differs from the config given now: resume with the run's own config "
+                        f"(omit --config and --set) or start a new run")
+    with distributed.process_group(device):
+        seed_everything(config.training_params.seed)
+        with setup_logging() as setup_records, distributed.main_first():  # rank 0 fills shared caches first
+            model = build_model(config, list(dp.sessions), trials, device)
+        seed_other_ranks(config.training_params.seed)
+        trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
+        stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
+        meta = results.base_meta(str(device))
+        meta["world_size"] = distributed.world_size()
+        if distributed.is_main():
+            meta["data_fingerprint"] = fingerprint(trials, stores)
 
-    run_dir = results.prepare_out_dir(out, resume, overwrite) if out else results.new_run_dir(config.output.results_dir, config.trial_name)
-    with run_logging(run_dir, setup_records):
-        log.info("run folder: %s", run_dir)
-        resolved = dump_config(config)
-        saved = run_dir / "config.yaml"
-        if resume and saved.is_file() and saved.read_text() != resolved:
-            raise UserError(f"{saved} differs from the config given now: resume with the run's own config "
-                            f"(omit --config and --set) or start a new run")
-        results.atomic_write_text(saved, resolved)
-        log_skipped(skipped, model.min_time_steps)
-        log.info("model %s: %d trainable parameters; trials %s", config.model_constructor_name,
-                 sum(p.numel() for p in model.parameters() if p.requires_grad), {s: len(t) for s, t in trials.items()})
+        run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, resume, overwrite) if out
+                                 else results.new_run_dir(config.output.results_dir, config.trial_name))
+        with run_logging(run_dir, setup_records):
+            log.info("run folder: %s", run_dir)
+            if distributed.is_main():
+                results.atomic_write_text(run_dir / "config.yaml", resolved)
+            log_skipped(skipped, model.min_time_steps)
+            log.info("model %s: %d trainable parameters; trials %s", config.model_constructor_name,
+                     sum(p.numel() for p in model.parameters() if p.requires_grad), {s: len(t) for s, t in trials.items()})
 
-        state = None
-        if config.training_params.num_steps > 0:
-            state = train(model, config, trials, stores, preprocessors, device, run_dir, resume=resume)
-        best = run_dir / "checkpoints" / "best.pt"
-        if config.evaluation.use_best_checkpoint and best.is_file():
-            model.load_state_dict(load_checkpoint(best)["model"])
-            log.info("decoding with the best checkpoint (step %s)", state.best_step if state else "?")
-        rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
-        metrics["run"] = {
-            "trial_name": config.trial_name,
-            "model": config.model_constructor_name,
-            "steps": state.step if state else 0,
-            "best_step": state.best_step if state else None,
-            "validation_history": state.history if state else [],
-        }
-        meta["n_steps"] = state.step if state else 0
-        write_run_outputs(run_dir, rows, metrics, meta)
-        if not config.output.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        log.info("finished: %s", run_dir)
+            state = None
+            if config.training_params.num_steps > 0:
+                state = train(model, config, trials, stores, preprocessors, device, run_dir, resume=resume)
+            best = run_dir / "checkpoints" / "best.pt"
+            if config.evaluation.use_best_checkpoint and best.is_file():
+                model.load_state_dict(load_checkpoint(best)["model"])
+                log.info("decoding with the best checkpoint (step %s)", state.best_step if state else "?")
+            rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
+            if distributed.is_main():
+                metrics["run"] = {
+                    "trial_name": config.trial_name,
+                    "model": config.model_constructor_name,
+                    "steps": state.step if state else 0,
+                    "best_step": state.best_step if state else None,
+                    "validation_history": state.history if state else [],
+                }
+                meta["n_steps"] = state.step if state else 0
+                write_run_outputs(run_dir, rows, metrics, meta)
+                if not config.output.keep_checkpoints:
+                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                log.info("finished: %s", run_dir)
     return run_dir
 
 
@@ -308,26 +346,33 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
     config.data_params.sessions = present
     config.evaluation.splits = [split]
     day_index = {s: known.index(s) for s in present}
-    run_dir = results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
-        config.output.results_dir, f"{config.trial_name}-eval-{split}")
-    with run_logging(run_dir):
-        results.atomic_write_text(run_dir / "config.yaml", dump_config(config))
-        device = pick_device(config.training_params.device)
-        model = build_model(config, known, {}, device)  # day layers follow the checkpoint's session list
-        model.load_state_dict(payload["model"])
-        trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
-                                            config.data_params.short_trials)
-        log_skipped(skipped, model.min_time_steps)
-        stores = {split: FeatureStore(trials[split], config.data_params.preload)}
-        meta = results.base_meta(str(device))
-        meta["data_fingerprint"] = fingerprint(trials, stores)
-        meta["checkpoint"] = str(path)
-        preprocessors = build_preprocessors(config)
-        rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
-        metrics["run"] = {"trial_name": config.trial_name, "model": config.model_constructor_name, "checkpoint": str(path)}
-        if kaggle_csv:
-            write_kaggle_csv(Path(kaggle_csv), rows)
-        write_run_outputs(run_dir, rows, metrics, meta)
+    device = distributed.local_device(pick_device(config.training_params.device))
+    with distributed.process_group(device):
+        run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
+            config.output.results_dir, f"{config.trial_name}-eval-{split}"))
+        with run_logging(run_dir):
+            if distributed.is_main():
+                results.atomic_write_text(run_dir / "config.yaml", dump_config(config))
+            with distributed.main_first():  # rank 0 fills shared caches first
+                model = build_model(config, known, {}, device)  # day layers follow the checkpoint's session list
+            model.load_state_dict(payload["model"])
+            trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
+                                                config.data_params.short_trials)
+            log_skipped(skipped, model.min_time_steps)
+            stores = {split: FeatureStore(trials[split], config.data_params.preload)}
+            meta = results.base_meta(str(device))
+            meta["world_size"] = distributed.world_size()
+            meta["checkpoint"] = str(path)
+            if distributed.is_main():
+                meta["data_fingerprint"] = fingerprint(trials, stores)
+            preprocessors = build_preprocessors(config)
+            rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
+            if distributed.is_main():
+                metrics["run"] = {"trial_name": config.trial_name, "model": config.model_constructor_name,
+                                  "checkpoint": str(path)}
+                if kaggle_csv:
+                    write_kaggle_csv(Path(kaggle_csv), rows)
+                write_run_outputs(run_dir, rows, metrics, meta)
     return run_dir
 
 

@@ -3,11 +3,18 @@
 AdamW over the parameter groups the model names, a per-group LambdaLR (linear warmup, then cosine
 or linear decay to lr_min, flat after), gradient-norm clipping, optional bf16 autocast and
 torch.compile, validation every `val_every` steps with the best checkpoint kept, resumable
-checkpoints every `checkpoint_every` steps, TensorBoard scalars, a progress bar, optional early stop.
+checkpoints every `checkpoint_every` steps, TensorBoard scalars, a progress bar, optional early stop,
+gradient accumulation (`grad_accum_steps`).
+
+Under torchrun (harness/distributed.py) every rank runs this loop on its own batches, the model
+wrapped in DistributedDataParallel so that gradients are averaged before each update; validation
+is shared out across the ranks; rank 0 alone logs, writes checkpoints and decides early stopping,
+and tells the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -19,9 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from config import to_data
+from harness import distributed
 from harness.batching import TrainBatchSampler, TrialDataset, collate
 from harness.errors import UserError
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
@@ -123,6 +133,25 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def remove_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Temp files of writes that a kill cut short (results.atomic_write_bytes names them
+    .<name>.<random>.tmp); the checkpoints they were to replace are intact."""
+    for partial in ckpt_dir.glob(".*.tmp"):
+        log.warning("removing %s, a checkpoint write that did not finish", partial)
+        partial.unlink(missing_ok=True)
+
+
+def restore_rng(saved: dict) -> None:
+    """Each rank takes back its own RNG state (older checkpoints hold one, under "rng")."""
+    by_rank = saved.get("rng_by_rank") or [saved["rng"]]
+    if len(by_rank) != distributed.world_size():
+        log.warning("the checkpoint was written by %d ranks and is resumed by %d: training goes on, but neither "
+                    "the batches nor the random draws are those of an uninterrupted run", len(by_rank),
+                    distributed.world_size())
+    if distributed.rank() < len(by_rank):
+        set_rng_state(by_rank[distributed.rank()])
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -148,66 +177,122 @@ def is_better(value, loss, state: TrainState, mode: str) -> bool:
     return loss is not None and (state.best_loss is None or loss < state.best_loss)
 
 
+class LossOf(nn.Module):
+    """forward(batch) = model.loss(batch). DistributedDataParallel averages the gradients of what
+    runs through its wrapper's forward, and models are trained through loss(), not forward()."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def loss_function(model, tp, device: torch.device):
+    """(batch -> loss parts, context that skips the gradient all-reduce). One process: the model's
+    own loss and nothing to skip. Several: DDP around LossOf(model); it starts by broadcasting rank
+    0's parameters and buffers, so every rank starts from the same weights."""
+    if distributed.world_size() == 1:
+        return model.loss, contextlib.nullcontext
+    ddp = DistributedDataParallel(LossOf(model), device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=tp.find_unused_parameters)
+    return ddp, ddp.no_sync
+
+
+def _losses(loss_fn, batch) -> dict:
+    try:
+        return loss_fn(batch)
+    except RuntimeError as error:  # DDP's way of saying a step left parameters without gradients
+        if "find_unused_parameters" in str(error):
+            raise UserError("a training step left some model parameters without gradients, which DDP refuses: "
+                            "set training_params.find_unused_parameters: true") from None
+        raise
+
+
+def backward(loss_fn, no_sync, batch, accum: int = 1, final: bool = True,
+             amp=contextlib.nullcontext) -> dict[str, float]:
+    """Forward and backward of one of the `accum` micro-batches of an update; returns its loss parts
+    averaged over the ranks. The loss is scaled by 1/accum: each micro-batch loss is a mean over its
+    trials, so the summed gradients are those of the mean over all of them. Under DDP the gradients
+    are all-reduced (averaged) only on the final micro-batch; no_sync skips it on the others."""
+    with contextlib.nullcontext() if final else no_sync():  # forward and backward inside, as DDP asks
+        with amp():
+            parts = _losses(loss_fn, batch)
+        (parts["loss"] / accum).backward()
+    return distributed.mean_across_ranks(parts)
+
+
 def train(model, config, trials: dict, stores: dict, preprocessors, device: torch.device, run_dir: Path,
           resume: bool = False) -> TrainState:
     """Train `model` in place; leaves checkpoints/{last,best}.pt in run_dir and returns the state."""
     tp, dp = config.training_params, config.data_params
+    accum = tp.grad_accum_steps  # at least 1: runner.check_training_params
     ckpt_dir = run_dir / "checkpoints"
     optimizer, scheduler = build_optimizer(model, tp)
     state = TrainState()
     last = ckpt_dir / "last.pt"
+    if resume and distributed.is_main():
+        remove_partial_checkpoints(ckpt_dir)
     if resume and last.is_file():
         saved = load_checkpoint(last)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["train_state"])
-        set_rng_state(saved["rng"])
+        restore_rng(saved)
         log.info("resumed from %s at step %d", last, state.step)
     elif resume:
         log.info("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
 
     config_data = to_data(config)
 
-    def checkpoint_payload() -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": config_data,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "train_state": vars(state),
-            "rng": rng_state(),
-        }
+    def save(path: Path) -> None:
+        """Every rank calls this (rank 0's checkpoint holds every rank's RNG state); rank 0 writes."""
+        rngs = distributed.gather_object(rng_state())
+        if distributed.is_main():
+            save_checkpoint(path, {
+                "format": CHECKPOINT_FORMAT,
+                "config": config_data,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "train_state": vars(state),
+                "rng_by_rank": rngs,
+            })
 
     if tp.compile:
         model.compile()  # in place: forward is compiled, so loss()/decode() that call self(...) use it
-    writer = _tensorboard(run_dir, config)
-    sampler = TrainBatchSampler(trials["train"], dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, state.step)
+    loss_fn, no_sync = loss_function(model, tp, device)
+    writer = _tensorboard(run_dir, config, state.step)
+    sampler = TrainBatchSampler(trials["train"], dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, state.step,
+                                rank=distributed.rank(), world_size=distributed.world_size(), grad_accum_steps=accum)
     loader = DataLoader(TrialDataset(trials["train"], stores["train"]), batch_sampler=sampler,
                         collate_fn=collate, num_workers=dp.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # own generator: creating the iterator must not draw
                                                       # from the global RNG, or resume would shift it
     has_val = bool(trials.get("val"))
     bar = tqdm(total=tp.num_steps, initial=state.step, dynamic_ncols=True, desc="train",
-               disable=None if tp.progress_bar else True)  # None: only on a terminal, not in log files
+               disable=None if tp.progress_bar and distributed.is_main() else True)  # None: only on a terminal
     model.train()
-    started, losses = time.monotonic(), {}
-    for batch in loader:
+    started, first_step, losses = time.monotonic(), state.step, {}
+    for micro_step, batch in enumerate(loader):
+        if micro_step % accum == 0:
+            optimizer.zero_grad(set_to_none=True)
+        final = micro_step % accum == accum - 1  # the last micro-batch of an update: gradients all-reduced
         batch = apply_preprocessors(batch.to(device), preprocessors, training=True)
-        with autocast(device, tp.amp_bf16):
-            parts = model.loss(batch)
-        if not torch.isfinite(parts["loss"].detach()):
-            raise UserError(f"step {state.step + 1}: the training loss is {float(parts['loss'].detach())}; "
-                            "stopping before it turns the weights into NaN (check the data and the learning rate)")
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        values = backward(loss_fn, no_sync, batch, accum, final, lambda: autocast(device, tp.amp_bf16))
+        if not math.isfinite(values["loss"]):  # the mean over ranks: every rank stops here together
+            raise UserError(f"step {state.step + 1}: the training loss is {values['loss']}; stopping before "
+                            "it turns the weights into NaN (check the data and the learning rate)")
+        for key, value in values.items():
+            losses.setdefault(key, []).append(value)
+        if not final:
+            continue
         grad_norm = _clip(model, tp.grad_norm_clip)
         optimizer.step()
         scheduler.step()
         state.step += 1
-        for key, value in parts.items():
-            losses.setdefault(key, []).append(float(value.detach()))
         bar.update(1)
 
         if state.step % tp.log_every == 0 or state.step == tp.num_steps:
@@ -220,21 +305,23 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
                 writer.add_scalar(f"lr/{group['name']}", group["lr"], state.step)
             bar.set_postfix(loss=f"{means['loss']:.3f}", **_best_postfix(state, tp))
             log.info("step %d loss %.4f grad_norm %.3f %.1f steps/s", state.step, means["loss"], grad_norm,
-                     state.step / max(1e-9, time.monotonic() - started))
+                     (state.step - first_step) / max(1e-9, time.monotonic() - started))
 
         stop = False
         if has_val and ((tp.val_every and state.step % tp.val_every == 0) or state.step == tp.num_steps):
-            stop = _validate(model, config, trials, stores, preprocessors, device, state, writer, ckpt_dir,
-                             checkpoint_payload)
-            bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}", **_best_postfix(state, tp))
+            improved, stop = _validate(model, config, trials, stores, preprocessors, device, state, writer)
+            if improved:
+                save(ckpt_dir / "best.pt")
+            bar.set_postfix(loss=f"{values['loss']:.3f}", **_best_postfix(state, tp))
         if (tp.checkpoint_every and state.step % tp.checkpoint_every == 0) or state.step == tp.num_steps or stop:
-            save_checkpoint(last, checkpoint_payload())
+            save(last)
         if stop:
             log.info("early stop at step %d: %d validations without improvement", state.step,
                      state.validations_without_improvement)
             break
     bar.close()
     writer.close()
+    distributed.barrier()  # rank 0's last checkpoints are on disk before any rank reads them
     return state
 
 
@@ -247,13 +334,25 @@ def _clip(model, max_norm) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
 
 
-def _validate(model, config, trials, stores, preprocessors, device, state, writer, ckpt_dir, payload) -> bool:
-    """Validate, log, keep the best checkpoint; returns True when early stopping triggers."""
+def _validate(model, config, trials, stores, preprocessors, device, state, writer) -> tuple[bool, bool]:
+    """Validate (shared out across ranks), log; returns (improved, early stop). Rank 0 decides and
+    every rank gets its decision and its TrainState, so all of them stop at the same step."""
     tp, dp, ev = config.training_params, config.data_params, config.evaluation
     _, metrics, loss = evaluate_split(
         model, "val", trials["val"], stores["val"], preprocessors, device=device,
         eval_batch_size=dp.eval_batch_size, amp=tp.amp_bf16, bootstrap_resamples=0,
         bootstrap_seed=ev.bootstrap_seed, with_loss=True)
+    improved = False
+    if distributed.is_main():
+        improved = _record_validation(metrics, loss, state, writer, tp)
+    improved, decided = distributed.broadcast_object((improved, vars(state)))
+    vars(state).update(decided)
+    stop = bool(tp.early_stop_patience) and state.validations_without_improvement >= tp.early_stop_patience
+    return improved, stop
+
+
+def _record_validation(metrics: dict, loss, state: TrainState, writer, tp) -> bool:
+    """Log a validation, update the state; True when it is the best so far."""
     value = metrics.get(tp.best_metric)
     record = {"step": state.step, "loss": loss, tp.best_metric: value}
     state.history.append(record)
@@ -269,26 +368,27 @@ def _validate(model, config, trials, stores, preprocessors, device, state, write
     if value is None:
         raise RuntimeError(f"training_params.best_metric '{tp.best_metric}' is not among the validation metrics "
                            f"({', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))})")
-    if is_better(value, loss, state, tp.best_mode):
+    improved = is_better(value, loss, state, tp.best_mode)
+    if improved:
         state.best_value, state.best_loss, state.best_step = value, loss, state.step
         state.validations_without_improvement = 0
-        save_checkpoint(ckpt_dir / "best.pt", payload())
     else:
         state.validations_without_improvement += 1
     log.info("validation at step %d: %s %.4f, loss %s (best %.4f at step %d)", state.step, tp.best_metric, value,
              f"{loss:.4f}" if loss is not None else "n/a", state.best_value, state.best_step)
-    return bool(tp.early_stop_patience) and state.validations_without_improvement >= tp.early_stop_patience
+    return improved
 
 
 def _best_postfix(state: TrainState, tp) -> dict:
     return {f"best_{tp.best_metric}": f"{state.best_value:.3f}"} if state.best_value is not None else {}
 
 
-def _tensorboard(run_dir: Path, config):
-    if config.output.tensorboard:
+def _tensorboard(run_dir: Path, config, start_step: int):
+    if config.output.tensorboard and distributed.is_main():
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step: a resumed run hides what the interrupted one logged after its last checkpoint
+        return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
     return _NoWriter()
 
 
