@@ -8,7 +8,13 @@ SHELL := bash
 
 PYTHON ?= python3
 PY := .venv/bin/python
+NPROC ?= 1
+# NPROC > 1: one process per device under torchrun (DDP); unset or 1: plain python
+ifeq ($(filter-out 1,$(NPROC)),)
 LAUNCH ?= $(PY)
+else
+LAUNCH ?= .venv/bin/torchrun --standalone --nproc_per_node=$(NPROC)
+endif
 LAUNCHER ?= local
 ARGS ?=
 RUNS ?=
@@ -39,8 +45,10 @@ b2t-bench make targets
 
 Variables (make TARGET NAME=value)
   PYTHON        interpreter that creates .venv            [$(PYTHON)]
-  LAUNCH        how a run starts                          [$(LAUNCH)]
-                e.g. LAUNCH=".venv/bin/torchrun --nproc_per_node=2"
+  NPROC         processes (devices) per run               [$(NPROC)]
+                N > 1: torchrun --standalone --nproc_per_node=N (DDP: NCCL on GPUs, gloo on CPU)
+  LAUNCH        how a run starts (overrides NPROC)        [$(LAUNCH)]
+                e.g. LAUNCH=".venv/bin/torchrun --nnodes=2 --nproc_per_node=4 ..."
   LAUNCHER      local: run here; slurm: submit a job      [$(LAUNCHER)]
                 slurm resources: the config's slurm: section, ARGS="--set slurm.gpus_per_node=4"
   ARGS          extra arguments for main.py run / compare [$(ARGS)]
