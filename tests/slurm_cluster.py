@@ -1,0 +1,166 @@
+"""A real one-node slurm for the tests: the `slurm_cluster` session fixture.
+
+Uses a slurm that already answers `sinfo`; otherwise installs Debian's packages (root and apt-get
+needed, else the tests skip and say why), starts munged if it is not running, and starts slurmctld
+and slurmd on localhost with a slurm.conf, state and spool under a temp folder (no cgroups, no
+systemd: proctrack/linuxproc, task/none). At the end it stops exactly the daemons it started, by
+their PID files. Facts behind the settings: ../shared/docs/local-slurm.md.
+Hand-written because no maintained pytest plugin starts a slurm (they all expect a cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+MUNGE_PID = Path("/run/munge/munged.pid")
+JOB_CPUS = 16  # slurm's idea of the node (SlurmdParameters=config_overrides), so that jobs run side by side
+
+
+def answers(*command: str, env=None) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True, timeout=10, env=env).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy; fail the test with `what` on time-out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def install_packages() -> None:
+    if all(shutil.which(name) for name in ["slurmctld", "slurmd", "sbatch", "munged"]):
+        return
+    if os.geteuid() != 0:
+        pytest.skip("slurm is not installed and installing it needs root")
+    if shutil.which("apt-get") is None:
+        pytest.skip("slurm is not installed and there is no apt-get to install it")
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:  # a stale package list: update once and try again
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        pytest.skip(f"could not install slurm ({' '.join(command)}): {lines[-1]}")
+
+
+def start_munge() -> int | None:
+    """Start munged as the munge user unless it already answers; returns the PID if we started it."""
+    if answers("bash", "-c", "munge -n | unmunge"):
+        return None
+    MUNGE_PID.parent.mkdir(exist_ok=True)
+    shutil.chown(MUNGE_PID.parent, "munge", "munge")
+    subprocess.run(["setpriv", "--reuid=munge", "--regid=munge", "--init-groups", "/usr/sbin/munged",
+                    f"--pid-file={MUNGE_PID}"], check=True, capture_output=True)
+    wait_for(lambda: answers("bash", "-c", "munge -n | unmunge"), 10, "munged to answer")
+    return int(MUNGE_PID.read_text())
+
+
+def write_slurm_conf(root: Path) -> Path:
+    host = socket.gethostname().split(".")[0]
+    probe = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    memory = int(probe.split("RealMemory=")[1].split()[0])
+    for folder in ["ctld", "d"]:
+        (root / folder).mkdir(parents=True)
+    conf = root / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=b2t-test
+SlurmctldHost={host}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# requeued jobs otherwise wait about 2 minutes for their old credential to expire
+AuthInfo=cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+# submitit ignores SIGTERM (it waits for its own signal): a requeued job is killed 2 s after it
+KillWait=2
+MailProg=/bin/true
+StateSaveLocation={root}/ctld
+SlurmdSpoolDir={root}/d
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmdParameters=config_overrides
+NodeName={host} CPUs={JOB_CPUS} RealMemory={int(memory * 0.95)}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    return conf
+
+
+def stop(pids: list[int]) -> None:
+    """SIGTERM to all at once (each takes about 2 s to exit), then wait for them."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 15
+    for pid in pids:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A slurm that takes jobs; SLURM_CONF is set in os.environ for the session when it is ours."""
+    if answers("sinfo"):
+        yield None
+        return
+    install_packages()
+    started = []
+    root = tmp_path_factory.mktemp("slurm")
+    with pytest.MonkeyPatch.context() as patch:
+        try:
+            munge = start_munge()
+            started += [munge] if munge else []
+            conf = write_slurm_conf(root)
+            patch.setenv("SLURM_CONF", str(conf))  # for the daemons, sbatch/scontrol, and the jobs they start
+            for daemon, pid_file in [(["slurmctld", "-c"], "slurmctld.pid"), (["slurmd"], "slurmd.pid")]:
+                subprocess.run(daemon, check=True, capture_output=True)
+                started.append(int(wait_for(lambda: _read(root / pid_file), 10, f"{pid_file}")))
+            state = lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
+            wait_for(lambda: state() == "idle", 30, f"the node to be idle (see {root}/slurmctld.log, slurmd.log)")
+            yield conf
+        finally:
+            stop(started)
+
+
+def _read(path: Path) -> str | None:
+    text = path.read_text().strip() if path.is_file() else ""
+    return text or None
