@@ -25,7 +25,8 @@ STEPS, EVERY = 20, 4  # checkpoints at steps 4, 8, 12, 16, 20
 def overrides(data_dir) -> list[str]:
     sets = [f"data_params.data_dir={data_dir}", "data_params.batch_size=8", f"training_params.num_steps={STEPS}",
             f"training_params.checkpoint_every={EVERY}", "training_params.val_every=10", "training_params.log_every=1",
-            "model_params.word_decoder={name: greedy}", "evaluation.bootstrap_resamples=100"]
+            "model_params.word_decoder={name: greedy}", "evaluation.splits=[val]",
+            "evaluation.bootstrap_resamples=100"]
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -175,3 +176,30 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(uninterrupted
     assert not list(checkpoints.glob(".*.tmp"))
     assert "a checkpoint write that did not finish" in (run_dir / "run.log").read_text()
     assert_same_run(run_dir, uninterrupted)
+
+
+def torchrun(*args):
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]  # after the python of start()
+
+
+def test_a_two_rank_run_resumes_every_ranks_random_draws(synthetic_dataset, tmp_path):
+    """Under torchrun rank 0's checkpoint holds both ranks' RNG states (augmentation and dropout
+    differ between ranks); killed while writing its second checkpoint and resumed, the run ends as an
+    uninterrupted two-rank run."""
+    config = ["--config", REPO_ROOT / "configs/ctc_baseline/tiny.yml", *overrides(synthetic_dataset)]
+    with open(tmp_path / "straight.out", "w+") as output:
+        status = finish(start(torchrun(REPO_ROOT / "main.py", "run", *config, "--out", tmp_path / "straight"), output), output)
+        assert status == 0, output.read()[-3000:]
+    script = tmp_path / "die_mid_write.py"
+    script.write_text(DIE_MID_WRITE)
+    with open(tmp_path / "cut.out", "w+") as output:
+        status = finish(start(torchrun(script, "2", "run", *config, "--out", tmp_path / "cut"), output), output)
+        assert status != 0 and not (tmp_path / "cut" / "DONE").exists(), output.read()[-3000:]
+    saved = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["train_state"]["step"] == EVERY and len(saved["rng_by_rank"]) == 2
+    assert not torch.equal(saved["rng_by_rank"][0]["torch"], saved["rng_by_rank"][1]["torch"])
+
+    with open(tmp_path / "resumed.out", "w+") as output:
+        status = finish(start(torchrun(REPO_ROOT / "main.py", "run", "--out", tmp_path / "cut", "--resume"), output), output)
+        assert status == 0, output.read()[-3000:]
+    assert_same_run(tmp_path / "cut", tmp_path / "straight")
