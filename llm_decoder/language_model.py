@@ -68,22 +68,36 @@ class LoadedLM:
         return None if self.audio_projector is None else self.audio_projector.linear.in_features
 
 
-def load_language_model(p: LMParams, training_sentences, cache_dir: str) -> LoadedLM:
-    """`training_sentences()` is only called when the tiny LM has to be found or trained."""
+def load_language_model(p: LMParams, training_transcriptions, cache_dir: str) -> LoadedLM:
+    """`training_transcriptions()` -> [(sentence, phonemes)] is only called when the tiny LM has to be
+    found or trained."""
     pretrained = p.name_or_path is not None
-    path = p.name_or_path if pretrained else str(tiny_lm_folder(training_sentences(), p.tiny, cache_dir))
+    path = p.name_or_path if pretrained else str(tiny_lm_folder(training_transcriptions(), p.tiny, cache_dir))
     name = p.name_or_path if pretrained else f"{path.rstrip('/').split('/')[-1]}-trained-here"
     route = p.route if p.route != "auto" else _detect_route(path)
     dtype = getattr(torch, p.dtype)
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2AudioForConditionalGeneration
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        lm, audio_projector = (_load_qwen2_audio(path, dtype) if route == "qwen2_audio"
-                               else (_load_causal_lm(path, dtype), None))
+        if route == "qwen2_audio":
+            lm, audio_projector = split_qwen2_audio(Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype))
+        else:
+            lm, audio_projector = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
     except (OSError, ValueError) as error:
         raise UserError(f"model_params.lm.name_or_path: cannot load {route} from {path!r}: "
                         f"{str(error).splitlines()[0]}") from None
+    loaded = prepare(lm, audio_projector, tokenizer, p, {"name": name, "name_or_path": path if pretrained else None,
+                                                         "route": route, "pretrained": pretrained})
+    log.info("language model %s (%s, %s): %d frozen parameters%s", name, route, p.dtype,
+             sum(t.numel() for t in lm.parameters() if not t.requires_grad),
+             f", LoRA rank {p.lora.r} on {p.lora.target_modules}" if p.lora.r > 0 else "")
+    return loaded
+
+
+def prepare(lm: nn.Module, audio_projector: nn.Module | None, tokenizer, p: LMParams, identity: dict) -> LoadedLM:
+    """Freeze, add LoRA and gradient checkpointing as `p` says, and name the weights (also used by
+    benchmarks/llm_decoder_step.py on models built with random weights)."""
     for module in (lm, audio_projector):
         if module is not None:
             module.requires_grad_(False).eval()
@@ -92,11 +106,7 @@ def load_language_model(p: LMParams, training_sentences, cache_dir: str) -> Load
     if p.gradient_checkpointing:
         enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
         enable()  # non-reentrant torch.utils.checkpoint on every decoder layer
-    identity = {"name": name, "name_or_path": path if pretrained else None, "route": route,
-                "pretrained": pretrained, "digest": weights_digest(lm.get_input_embeddings(), audio_projector)}
-    log.info("language model %s (%s, %s): %d frozen parameters%s", name, route, p.dtype,
-             sum(t.numel() for t in lm.parameters() if not t.requires_grad),
-             f", LoRA rank {p.lora.r} on {p.lora.target_modules}" if p.lora.r > 0 else "")
+    identity = {**identity, "digest": weights_digest(lm.get_input_embeddings(), audio_projector)}
     return LoadedLM(lm, tokenizer, audio_projector, identity)
 
 
@@ -111,23 +121,18 @@ def _detect_route(path: str) -> str:
     return "qwen2_audio" if config.model_type == "qwen2_audio" else "causal_lm"
 
 
-def _load_causal_lm(path: str, dtype):
+def split_qwen2_audio(full) -> tuple[nn.Module, nn.Module]:
+    """Qwen2AudioForConditionalGeneration -> (a causal LM sharing its language model and lm_head, its
+    multimodal projector). The audio tower is left behind with `full`."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-
-
-def _load_qwen2_audio(path: str, dtype):
-    """-> (a causal LM sharing Qwen2-Audio's language model and lm_head, its multimodal projector)."""
-    from transformers import AutoModelForCausalLM, Qwen2AudioForConditionalGeneration
-
-    full = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    text_config = full.config.text_config
     with torch.device("meta"):  # an empty shell: both of its modules are replaced right below
-        lm = AutoModelForCausalLM.from_config(full.config.text_config, dtype=dtype)
+        lm = AutoModelForCausalLM.from_config(text_config, dtype=full.lm_head.weight.dtype)
     lm.model, lm.lm_head = full.model.language_model, full.lm_head
     lm.generation_config = full.generation_config
     assert not any(t.is_meta for t in lm.state_dict().values()), "the causal-LM shell kept an empty weight"
-    return lm, full.model.multi_modal_projector  # the audio tower goes with `full`
+    return lm, full.model.multi_modal_projector
 
 
 def add_lora(lm: nn.Module, p: LoRAParams) -> None:

@@ -26,12 +26,13 @@ from torch import nn
 from audio_alignment.losses import info_nce, interpolated_cosine_loss, pooled_similarity
 from audio_alignment.model import LossWeights, TargetStore
 from audio_alignment.targets import TargetParams, resolve_target_params
-from ctc_baseline.model import greedy_phonemes, training_sentences
+from ctc_baseline.model import greedy_phonemes
 from gru_decoder import GRUEncoder, GRUEncoderParams
+from harness.data import find_sessions, read_trials
 from harness.errors import UserError
 from harness.metrics import normalize_text
 from harness.model_api import DecoderModel
-from harness.phonemes import BLANK_ID, N_CLASSES
+from harness.phonemes import BLANK_ID, N_CLASSES, ids_to_text
 from llm_decoder.language_model import LMParams, LoadedLM, keep_frozen_mode, load_language_model
 from llm_decoder.sequences import generation_inputs, sentence_loss, shorten, training_inputs
 from registry import register_config_setter, register_model_constructor
@@ -279,6 +280,17 @@ def resolve_embedding_dim(p: LLMDecoderParams, loaded: LoadedLM, targets: Target
     return next(iter(needs.values()), loaded.hidden_size)
 
 
+def training_transcriptions(ctx) -> list[tuple[str, str]]:
+    """(sentence, phonemes) of every labelled training trial: the run's train split, or, where the model is
+    built without data (`evaluate`), the train split of the data being decoded (as ctc_baseline's
+    training_sentences, with the phoneme labels too)."""
+    trials = ctx.trials.get("train")
+    if trials is None:
+        dp = ctx.config.data_params
+        trials = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
+    return [(t.sentence, ids_to_text(t.phoneme_ids)) for t in trials if t.sentence and t.phoneme_ids is not None]
+
+
 @register_model_constructor()
 def llm_decoder(params: LLMDecoderParams, ctx):
     if params.n_days < len(ctx.sessions):
@@ -288,7 +300,7 @@ def llm_decoder(params: LLMDecoderParams, ctx):
         raise UserError("model_params: lm_weight or alignment_weight must be > 0 (nothing trains otherwise)")
     if params.frame_factor < 1 or params.generation.num_beams < 1 or params.generation.max_new_tokens < 1:
         raise UserError("model_params: frame_factor, generation.num_beams and generation.max_new_tokens must be >= 1")
-    loaded = load_language_model(params.lm, lambda: training_sentences(ctx), ctx.cache_dir)
+    loaded = load_language_model(params.lm, lambda: training_transcriptions(ctx), ctx.cache_dir)
     targets, stats = None, None
     w = params.alignment
     if params.alignment_weight > 0 and (w.cosine > 0 or w.infonce > 0):

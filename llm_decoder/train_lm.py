@@ -28,12 +28,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from harness.phonemes import PHONEME_TO_ID, PHONEMES
 
 log = logging.getLogger(__name__)
 
 TINY_LM_FORMAT = 1  # bump when code here changes what an artefact holds without changing a param
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+PHONEME_TOKENS = [f"<{p}>" for p in PHONEMES[1:]]  # the 39 ARPAbet phonemes and SIL, one token each
+TEXT_TOKEN = "<text>"  # ends the prefix, starts the sentence
 
 
 @dataclass
@@ -51,10 +56,15 @@ class TinyLMParams:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    phoneme_prompt: bool = True  # train on "<s> <phonemes> <text> sentence </s>" (module docstring)
+    phoneme_noise: float = 0.15  # share of prefix phonemes replaced, dropped or doubled at random
 
 
-def artefact_name(sentences: list[str], params: TinyLMParams) -> str:
-    """tiny-qwen2-<hash of the sentences (in order) and the params>: names the folder and the LM in results."""
+Example = tuple[str, str]  # (sentence, its phonemes as space-separated ARPAbet with SIL)
+
+
+def artefact_name(examples: list[Example], params: TinyLMParams) -> str:
+    """tiny-qwen2-<hash of the transcriptions (in order) and the params>: names the folder and the LM in results."""
     import tokenizers
     import transformers
 
@@ -62,14 +72,14 @@ def artefact_name(sentences: list[str], params: TinyLMParams) -> str:
     digest.update(json.dumps({"format": TINY_LM_FORMAT, "params": asdict(params), "torch": torch.__version__,
                               "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
                              sort_keys=True).encode())
-    for sentence in sentences:
-        digest.update(sentence.encode("utf-8") + b"\n")
+    for sentence, phonemes in examples:
+        digest.update(f"{sentence}\t{phonemes if params.phoneme_prompt else ''}\n".encode("utf-8"))
     return f"tiny-qwen2-{digest.hexdigest()[:12]}"
 
 
-def tiny_lm_folder(sentences: list[str], params: TinyLMParams, cache_dir: str | Path) -> Path:
+def tiny_lm_folder(examples: list[Example], params: TinyLMParams, cache_dir: str | Path) -> Path:
     """The artefact's folder, trained and saved first unless a complete one is already there."""
-    folder = Path(cache_dir) / "llm" / artefact_name(sentences, params)
+    folder = Path(cache_dir) / "llm" / artefact_name(examples, params)
     if folder.is_dir():
         log.info("tiny LM %s: from the cache (%s)", folder.name, folder)
         return folder
@@ -77,12 +87,13 @@ def tiny_lm_folder(sentences: list[str], params: TinyLMParams, cache_dir: str | 
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
+        sentences = [sentence for sentence, _ in examples]
         tokenizer = train_tokenizer(sentences, params)
-        model, loss = train_model(sentences, tokenizer, params)
+        model, loss = train_model(examples, tokenizer, params)
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         (work / "trained_here.json").write_text(json.dumps(
-            {"name": folder.name, "params": asdict(params), "n_sentences": len(sentences),
+            {"name": folder.name, "params": asdict(params), "n_sentences": len(examples),
              "final_loss": loss, "note": "trained by b2t-bench on the run's training transcriptions"}, indent=2))
         try:
             os.rename(work, folder)  # atomic; fails if another process got there first
@@ -93,8 +104,9 @@ def tiny_lm_folder(sentences: list[str], params: TinyLMParams, cache_dir: str | 
             return folder
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("trained tiny LM %s on %d training sentences in %.0f s (final loss %.3f): %s", folder.name,
-             len(sentences), time.monotonic() - started, loss, folder)
+    log.info("trained tiny LM %s on %d training sentences%s in %.0f s (final loss %.3f): %s", folder.name,
+             len(examples), " after their phonemes" if params.phoneme_prompt else "", time.monotonic() - started,
+             loss, folder)
     return folder
 
 
@@ -109,14 +121,17 @@ def train_tokenizer(sentences: list[str], params: TinyLMParams):
     tokenizer = Qwen2Tokenizer().train_new_from_iterator(sentences, vocab_size=params.vocab_size,
                                                          new_special_tokens=tokens)
     tokenizer.add_special_tokens({k: SPECIAL_TOKENS[k] for k in ("bos_token", "eos_token", "pad_token")})
+    tokenizer.add_tokens([*PHONEME_TOKENS, TEXT_TOKEN], special_tokens=True)  # never written in generated text
     return tokenizer
 
 
-def train_model(sentences: list[str], tokenizer, params: TinyLMParams):
-    """Qwen2ForCausalLM from a small Qwen2Config, AdamW on '<s> sentence </s>' batches; -> (model, last loss)."""
+def train_model(examples: list[Example], tokenizer, params: TinyLMParams):
+    """Qwen2ForCausalLM from a small Qwen2Config, AdamW on batches of training examples; -> (model, last loss).
+    The loss covers the sentence and </s> (and <s> without a phoneme prefix), never the prefix."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     generator = torch.Generator().manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
     with torch.random.fork_rng():  # the run's own RNG stream (model init, dropout) stays as it was
         torch.manual_seed(params.seed)
         config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=params.hidden_size,
@@ -126,19 +141,47 @@ def train_model(sentences: list[str], tokenizer, params: TinyLMParams):
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         model = Qwen2ForCausalLM(config).train()
-    texts = [f"{tokenizer.bos_token}{s}{tokenizer.eos_token}" for s in sentences]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sentence_ids = tokenizer([s for s, _ in examples], add_special_tokens=False)["input_ids"]
+    phoneme_ids = tokenizer.convert_tokens_to_ids(PHONEME_TOKENS)  # index = phoneme class id - 1
+    bos, eos, text = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(TEXT_TOKEN)
+
+    def example(i: int) -> tuple[list[int], int]:
+        """(token ids, length of the unlabelled prefix)"""
+        if not params.phoneme_prompt:
+            return [bos, *sentence_ids[i], eos], 0
+        classes = [PHONEME_TO_ID[p] for p in examples[i][1].split()]
+        prefix = [bos, *(phoneme_ids[c - 1] for c in corrupt(classes, params.phoneme_noise, rng)), text]
+        return [*prefix, *sentence_ids[i], eos], len(prefix)
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / params.steps))
     loss = torch.tensor(float("nan"))
     for _ in range(params.steps):
-        picks = torch.randint(len(encoded), (params.batch_size,), generator=generator).tolist()
-        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(encoded[i]) for i in picks], batch_first=True,
+        picks = [example(i) for i in torch.randint(len(examples), (params.batch_size,), generator=generator).tolist()]
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p, _ in picks], batch_first=True,
                                               padding_value=tokenizer.pad_token_id)
-        mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(encoded[i]) for i in picks])[:, None]).long()
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        positions = torch.arange(ids.shape[1])[None, :]
+        mask = (positions < torch.tensor([len(p) for p, _ in picks])[:, None]).long()
+        labels = ids.masked_fill((mask == 0) | (positions < torch.tensor([n for _, n in picks])[:, None]), -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     return model.eval(), float(loss.detach())
+
+
+def corrupt(classes: list[int], rate: float, rng: np.random.Generator) -> list[int]:
+    """Each phoneme, with probability `rate`, replaced by a random one, dropped or doubled (a third each):
+    the LM learns to write the sentence from imperfect phonemes, as the brain side will give it."""
+    out = []
+    for c in classes:
+        if rng.random() >= rate:
+            out.append(c)
+            continue
+        kind = rng.integers(3)
+        if kind == 0:
+            out.append(int(rng.integers(1, len(PHONEMES))))
+        elif kind == 2:
+            out += [c, c]
+    return out
