@@ -13,13 +13,14 @@ train and decode their share and send what rank 0 needs through the object colle
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+TIMEOUT = datetime.timedelta(hours=2)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -56,14 +57,19 @@ def process_group(device: torch.device):
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://",
+    # A long timeout: the other ranks wait while rank 0 alone fills a cache (main_first) or scores a split.
+    dist.init_process_group(backend, init_method="env://", timeout=TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
     try:
-        log.info("process group: %d ranks, backend %s", world_size(), backend)
         barrier()
         yield
     finally:
         dist.destroy_process_group()
+
+
+def describe() -> str | None:
+    """'N ranks, backend' under torchrun, None for one process."""
+    return f"{world_size()} ranks, {dist.get_backend()}" if dist.is_initialized() else None
 
 
 def barrier() -> None:

@@ -272,6 +272,10 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                                  else results.new_run_dir(config.output.results_dir, config.trial_name))
         with run_logging(run_dir, setup_records):
             log.info("run folder: %s", run_dir)
+            if distributed.describe():
+                log.info("torch.distributed: %s; each update sees %d x %d x %d trials (ranks x grad_accum_steps "
+                         "x batch_size)", distributed.describe(), distributed.world_size(),
+                         config.training_params.grad_accum_steps, dp.batch_size)
             if distributed.is_main():
                 results.atomic_write_text(run_dir / "config.yaml", resolved)
             log_skipped(skipped, model.min_time_steps)
@@ -351,6 +355,8 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
         run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
             config.output.results_dir, f"{config.trial_name}-eval-{split}"))
         with run_logging(run_dir):
+            if distributed.describe():
+                log.info("torch.distributed: %s; each decodes its share of the batches", distributed.describe())
             if distributed.is_main():
                 results.atomic_write_text(run_dir / "config.yaml", dump_config(config))
             with distributed.main_first():  # rank 0 fills shared caches first
