@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import re
 import shutil
@@ -29,8 +28,6 @@ from harness import results
 from harness.errors import UserError
 from harness.plugins import load_plugins
 
-log = logging.getLogger("b2t")
-
 
 def launch(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
            launcher: str = "local", sweeps: list[str] = ()) -> None:
@@ -41,7 +38,8 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
         run(config_path, overrides, out, resume, overwrite)
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--sweep and --launcher slurm start runs of their own: do not start them under torchrun")
+        raise UserError("--sweep and --launcher slurm start runs of their own: start them with plain python, not under "
+                        "torchrun (NPROC); a slurm job gets its GPUs from slurm.gpus_per_node")
     if sweeps and (resume or overwrite):
         raise UserError("--sweep starts new runs: it takes neither --resume nor --overwrite")
     load_plugins()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import main
-from config import SlurmParams
+from config import SlurmParams, load_config
 from harness.launch import expand_sweeps, make_executor
 from tests.conftest import REPO_ROOT, TINY_CONFIG, make_trials, write_split
 from tests.slurm_cluster import slurm_cluster, wait_for  # noqa: F401 (slurm_cluster is a fixture)
@@ -208,3 +208,13 @@ def test_without_sbatch_nothing_is_left_behind(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
     code = main.main(["run", "--launcher", "slurm", "--config", str(TINY_CONFIG), "--out", str(tmp_path / "run")])
     assert code == 2 and "sbatch not found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_local_sweep_runs_every_value_here_one_after_the_other(small_dataset, tmp_path):
+    args = ["run", "--config", str(TINY_CONFIG), "--set", f"data_params.data_dir={small_dataset}", "--set",
+            "output.tensorboard=false", "--sweep", "model_params.hidden=8,16", "--out", str(tmp_path / "sweep")]
+    assert main.main(args) == 0
+    runs = sorted((tmp_path / "sweep").iterdir(), key=lambda p: json.loads((p / "meta.json").read_text())["start"])
+    assert [r.name.split("_2")[0] for r in runs] == ["tiny_test_hidden-8", "tiny_test_hidden-16"]
+    assert all((r / "DONE").is_file() for r in runs)
+    assert [load_config(r / "config.yaml").model_params.hidden for r in runs] == [8, 16]
