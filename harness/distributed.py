@@ -20,6 +20,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from harness.errors import UserError
+
 TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -28,12 +30,13 @@ def _env_int(name: str, default: int) -> int:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    """Ranks in the process group; 1 outside one (whatever the environment says: work is only ever
+    shared out among processes that can gather it back)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
-    # The environment answers before the group exists, so rank 0 alone can make the run folder.
-    return dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def is_main() -> bool:
@@ -43,7 +46,11 @@ def is_main() -> bool:
 def local_device(device: torch.device) -> torch.device:
     """The device of this rank: cuda:LOCAL_RANK when training on CUDA under torchrun, else `device`."""
     if device.type == "cuda" and _env_int("WORLD_SIZE", 1) > 1:
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+        local, count = _env_int("LOCAL_RANK", 0), torch.cuda.device_count()
+        if local >= count:
+            raise UserError(f"LOCAL_RANK {local} but {count} CUDA devices here: start at most {count} processes "
+                            "per node (--nproc_per_node)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     return device
 
