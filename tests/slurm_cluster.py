@@ -1,10 +1,11 @@
 """A real one-node slurm for the tests: the `slurm_cluster` session fixture.
 
 Uses a slurm that already answers `sinfo`; otherwise installs Debian's packages (root and apt-get
-needed, else the tests skip and say why), starts munged if it is not running, and starts slurmctld
-and slurmd on localhost with a slurm.conf, state and spool under a temp folder (no cgroups, no
-systemd: proctrack/linuxproc, task/none). At the end it stops exactly the daemons it started, by
-their PID files. Facts behind the settings: ../shared/docs/local-slurm.md.
+needed, else the tests skip and say why) and starts a munged, slurmctld and slurmd of its own on
+localhost: its own munge socket and free ports, so that concurrent test sessions never meet; a
+slurm.conf, state and spool under a temp folder; no cgroups, no systemd (proctrack/linuxproc,
+task/none). At the end it cancels its jobs and stops exactly the daemons it started, by PID.
+Facts behind the settings: ../shared/docs/local-slurm.md.
 Hand-written because no maintained pytest plugin starts a slurm (they all expect a cluster).
 """
 
@@ -15,13 +16,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-MUNGE_PID = Path("/run/munge/munged.pid")
 JOB_CPUS = 16  # slurm's idea of the node (SlurmdParameters=config_overrides), so that jobs run side by side
 
 
@@ -67,19 +68,21 @@ def install_packages() -> None:
         pytest.skip(f"could not install slurm ({' '.join(command)}): {lines[-1]}")
 
 
-def start_munge() -> int | None:
-    """Start munged as the munge user unless it already answers; returns the PID if we started it."""
-    if answers("bash", "-c", "munge -n | unmunge"):
-        return None
-    MUNGE_PID.parent.mkdir(exist_ok=True)
-    shutil.chown(MUNGE_PID.parent, "munge", "munge")
+def start_munge(folder: Path) -> tuple[int, Path]:
+    """A munged of our own on a socket of our own (in `folder`, which the munge user owns): another
+    test session starting or stopping the machine's munged cannot take it away. Returns (PID, socket)."""
+    shutil.chown(folder, "munge", "munge")
+    folder.chmod(0o755)  # munged: "execute permissions for all required" on the socket folder
+    socket_path, pid_file = folder / "munge.socket", folder / "munged.pid"
     subprocess.run(["setpriv", "--reuid=munge", "--regid=munge", "--init-groups", "/usr/sbin/munged",
-                    f"--pid-file={MUNGE_PID}"], check=True, capture_output=True)
-    wait_for(lambda: answers("bash", "-c", "munge -n | unmunge"), 10, "munged to answer")
-    return int(MUNGE_PID.read_text())
+                    f"--socket={socket_path}", f"--pid-file={pid_file}", f"--log-file={folder / 'munged.log'}",
+                    f"--seed-file={folder / 'munged.seed'}"], check=True, capture_output=True)
+    check = f"munge -S {socket_path} -n | unmunge -S {socket_path}"
+    wait_for(lambda: answers("bash", "-c", check), 10, "munged to answer")
+    return int(pid_file.read_text()), socket_path
 
 
-def write_slurm_conf(root: Path) -> Path:
+def write_slurm_conf(root: Path, munge_socket: Path) -> Path:
     host = socket.gethostname().split(".")[0]
     probe = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
     memory = int(probe.split("RealMemory=")[1].split()[0])
@@ -95,8 +98,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# requeued jobs otherwise wait about 2 minutes for their old credential to expire
-AuthInfo=cred_expire=5
+# cred_expire: requeued jobs otherwise wait about 2 minutes for their old credential to expire
+AuthInfo=cred_expire=5,socket={munge_socket}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -145,11 +148,12 @@ def slurm_cluster(tmp_path_factory):
     install_packages()
     started = []
     root = tmp_path_factory.mktemp("slurm")
+    munge_folder = Path(tempfile.mkdtemp(prefix="b2t-munge-"))  # not under pytest's root-only folder
     with pytest.MonkeyPatch.context() as patch:
         try:
-            munge = start_munge()
-            started += [munge] if munge else []
-            conf = write_slurm_conf(root)
+            munge_pid, munge_socket = start_munge(munge_folder)
+            started.append(munge_pid)
+            conf = write_slurm_conf(root, munge_socket)
             patch.setenv("SLURM_CONF", str(conf))  # for the daemons, sbatch/scontrol, and the jobs they start
             for daemon, pid_file in [(["slurmctld", "-c"], "slurmctld.pid"), (["slurmd"], "slurmd.pid")]:
                 subprocess.run(daemon, check=True, capture_output=True)
@@ -158,7 +162,17 @@ def slurm_cluster(tmp_path_factory):
             wait_for(lambda: state() == "idle", 30, f"the node to be idle (see {root}/slurmctld.log, slurmd.log)")
             yield conf
         finally:
+            if len(started) == 3:  # jobs left by a failed test would outlive the daemons: cancel them first
+                subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
+                _wait_quietly(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 20)
             stop(started)
+            shutil.rmtree(munge_folder, ignore_errors=True)
+
+
+def _wait_quietly(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.2)
 
 
 def _read(path: Path) -> str | None:
