@@ -236,10 +236,10 @@ class LLMDecoder(GRUEncoder, DecoderModel):
     def saved_key(key: str) -> bool:
         return not key.startswith(FROZEN_PREFIXES) or "lora_" in key
 
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if not self.saved_key(k)]:
-            del state[key]
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in state if k.startswith(prefix) and not self.saved_key(k[len(prefix):])]:
+            del state[key]  # (a prefix: this model inside another module, e.g. a wrapper)
         return state
 
     def get_extra_state(self):
