@@ -10,6 +10,7 @@ padding with garbage).
   done for the whole batch as one batched matmul (F.interpolate takes one output size per call).
 - `interpolated_cosine_loss`: the original design: both sequences resampled to a common length,
   1 - mean frame-wise cosine.
+- `ctc_head_loss`: the auxiliary CTC loss of a phoneme head on the GRU outputs (mean over trials).
 - `info_nce`: sentence-level contrastive loss across the batch, on a similarity of whole sequences
   (`sequence_similarity`, the resampled frame-wise cosine, or `pooled_similarity`, the cosine of the
   means, which ignores timing altogether). Only the ranking of the true sentence among the batch's
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from harness.phonemes import BLANK_ID
 
 
 def resample_matrix(lengths: torch.Tensor, max_length: int, n_out: int) -> torch.Tensor:
@@ -98,3 +101,24 @@ def info_nce(similarity: torch.Tensor, labels: torch.Tensor, temperature: float)
     trials with replacement, so a sentence can occur twice: it must not be its own negative);
     labels (B,): the index of each trial's sentence."""
     return F.cross_entropy(similarity / temperature, labels)
+
+
+def sentence_info_nce(brain, brain_lengths, target, target_lengths, sentences: list[str], temperature: float,
+                      similarity: str = "pooled", n_frames: int = 32) -> torch.Tensor:
+    """InfoNCE of a batch whose i-th trial attempted sentences[i] (target row i): each trial against
+    the batch's distinct sentences, on the "pooled" or "sequence" similarity."""
+    distinct = list(dict.fromkeys(sentences))
+    labels = torch.tensor([distinct.index(s) for s in sentences], device=brain.device)
+    first = [sentences.index(s) for s in distinct]
+    if similarity == "sequence":
+        sim = sequence_similarity(brain, brain_lengths, target[first], target_lengths[first], n_frames)
+    else:
+        sim = pooled_similarity(brain, brain_lengths, target[first], target_lengths[first])
+    return info_nce(sim, labels, temperature)
+
+
+def ctc_head_loss(logits, lengths, phoneme_ids, phoneme_lengths) -> torch.Tensor:
+    """CTC over the 41 phoneme classes of (B, P, classes) head outputs, mean over trials."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)
+    return F.ctc_loss(log_probs, phoneme_ids, lengths, phoneme_lengths, blank=BLANK_ID, reduction="none",
+                      zero_infinity=True).mean()

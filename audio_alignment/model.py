@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from audio_alignment.cache import TargetCache
-from audio_alignment.losses import info_nce, interpolated_cosine_loss, pooled_similarity, sequence_similarity
+from audio_alignment.losses import ctc_head_loss, interpolated_cosine_loss, sentence_info_nce
 from audio_alignment.retrieval import CandidateSet, build_candidates, retrieval_metrics, similarity, true_ranks
 from audio_alignment.targets import TargetParams, build_target_maker, resolve_target_params
 from ctc_baseline.model import greedy_phonemes, training_sentences
@@ -34,7 +33,7 @@ from harness.errors import UserError
 from harness.metrics import split_metrics as error_rates
 from harness.metrics import trial_error_columns
 from harness.model_api import DecoderModel
-from harness.phonemes import BLANK_ID, N_CLASSES
+from harness.phonemes import N_CLASSES
 from registry import register_config_setter, register_model_constructor
 
 log = logging.getLogger(__name__)
@@ -100,12 +99,8 @@ class GRUAlign(GRUEncoder, DecoderModel):
         return hidden, self.projector(hidden), lengths
 
     def batch_targets(self, sentences: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        found = self.targets.get(sentences)
-        seqs = [found[s] for s in sentences]
-        lengths = torch.tensor([len(t) for t in seqs], dtype=torch.int64, device=device)
-        padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
-        mask = torch.arange(padded.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
-        return self.standardize(padded) * mask.unsqueeze(2), lengths  # padding stays zero
+        padded, lengths, mask = padded_targets(self.targets, sentences, device)
+        return self.standardize(padded) * mask, lengths  # padding stays zero
 
     def standardize(self, frames: torch.Tensor) -> torch.Tensor:
         return (frames - self.target_mean.to(frames.device)) / self.target_std.to(frames.device)
@@ -120,18 +115,11 @@ class GRUAlign(GRUEncoder, DecoderModel):
         if w.cosine:
             parts["cosine"] = interpolated_cosine_loss(emb, lengths, target, target_lengths, self.p.align_frames)
         if w.infonce:
-            distinct = list(dict.fromkeys(batch.sentences))
-            labels = torch.tensor([distinct.index(s) for s in batch.sentences], device=emb.device)
-            first = [batch.sentences.index(s) for s in distinct]
-            if self.p.infonce_similarity == "sequence":
-                sim = sequence_similarity(emb, lengths, target[first], target_lengths[first], self.p.align_frames)
-            else:
-                sim = pooled_similarity(emb, lengths, target[first], target_lengths[first])
-            parts["infonce"] = info_nce(sim, labels, self.p.infonce_temperature)
+            parts["infonce"] = sentence_info_nce(emb, lengths, target, target_lengths, batch.sentences,
+                                                 self.p.infonce_temperature, self.p.infonce_similarity,
+                                                 self.p.align_frames)
         if self.ctc_head is not None:
-            log_probs = self.ctc_head(hidden).float().log_softmax(-1).transpose(0, 1)
-            parts["ctc"] = F.ctc_loss(log_probs, batch.phoneme_ids, lengths, batch.phoneme_lengths,
-                                      blank=BLANK_ID, reduction="none", zero_infinity=True).mean()
+            parts["ctc"] = ctc_head_loss(self.ctc_head(hidden), lengths, batch.phoneme_ids, batch.phoneme_lengths)
         total = sum(getattr(w, name) * value for name, value in parts.items())
         return {"loss": total, **parts}
 
@@ -206,6 +194,30 @@ class TargetStore:
         return {s: self.frames[s] for s in sentences}
 
 
+def padded_targets(store, sentences: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, D) float32 target frames of each sentence (from `store.get`), zero-padded; their
+    lengths (B,); the valid-frame mask (B, T, 1)."""
+    found = store.get(sentences)
+    seqs = [found[s] for s in sentences]
+    lengths = torch.tensor([len(t) for t in seqs], dtype=torch.int64, device=device)
+    padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
+    mask = torch.arange(padded.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    return padded, lengths, mask.unsqueeze(2)
+
+
+def fill_targets(store, trials: dict, standardize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Fetch the targets of every labelled sentence of every split at once (one progress bar, and
+    training never waits for speech); returns the per-channel (mean, std) of the training sentences'
+    frames when `standardize`, None without training trials (evaluate: the checkpoint's buffers
+    bring them)."""
+    splits = {split: [t.sentence for t in ts if t.sentence] for split, ts in trials.items()}
+    found = store.get(list(dict.fromkeys(s for sentences in splits.values() for s in sentences)))
+    if not (standardize and splits.get("train")):
+        return None
+    frames = torch.cat([found[s].float() for s in dict.fromkeys(splits["train"])])
+    return frames.mean(0), frames.std(0).clamp(min=1e-3)
+
+
 @register_model_constructor()
 def gru_align(params: GRUAlignParams, ctx):
     if params.n_days < len(ctx.sessions):
@@ -216,14 +228,8 @@ def gru_align(params: GRUAlignParams, ctx):
     if params.text_source == "ctc_words" and (params.loss_weights.ctc <= 0 or params.word_decoder.name == "greedy"):
         raise UserError("model_params.text_source: ctc_words needs the CTC head (loss_weights.ctc > 0) and a word "
                         "decoder that writes words (model_params.word_decoder.name, e.g. lexicon_ngram)")
-    splits = {split: [t.sentence for t in trials if t.sentence] for split, trials in ctx.trials.items()}
-    sentences = list(dict.fromkeys(s for split in splits.values() for s in split))
     targets = TargetStore(params.targets, ctx.cache_dir)
-    found = targets.get(sentences)  # all at once: one progress bar, and training never waits for speech
-    stats = None  # without training trials (evaluate), the checkpoint's buffers bring the statistics
-    if params.standardize_targets and splits.get("train"):
-        frames = torch.cat([found[s].float() for s in dict.fromkeys(splits["train"])])
-        stats = frames.mean(0), frames.std(0).clamp(min=1e-3)
+    stats = fill_targets(targets, ctx.trials, params.standardize_targets)
     words = None
     if params.loss_weights.ctc > 0 and params.word_decoder.name != "greedy":
         words = build_word_decoder(params.word_decoder, training_sentences(ctx), ctx.cache_dir)

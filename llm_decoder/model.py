@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from audio_alignment.losses import info_nce, interpolated_cosine_loss, pooled_similarity
-from audio_alignment.model import LossWeights, TargetStore
+from audio_alignment.losses import ctc_head_loss, interpolated_cosine_loss, sentence_info_nce
+from audio_alignment.model import LossWeights, TargetStore, fill_targets, padded_targets
 from audio_alignment.targets import TargetParams, resolve_target_params
 from ctc_baseline.model import greedy_phonemes
 from gru_decoder import GRUEncoder, GRUEncoderParams
@@ -32,7 +31,7 @@ from harness.data import find_sessions, read_trials
 from harness.errors import UserError
 from harness.metrics import normalize_text
 from harness.model_api import DecoderModel
-from harness.phonemes import BLANK_ID, N_CLASSES, ids_to_text
+from harness.phonemes import N_CLASSES, ids_to_text
 from llm_decoder.language_model import LMParams, LoadedLM, keep_frozen_mode, load_language_model
 from llm_decoder.sequences import generation_inputs, sentence_loss, shorten, training_inputs
 from registry import register_config_setter, register_model_constructor
@@ -166,28 +165,16 @@ class LLMDecoder(GRUEncoder, DecoderModel):
         """gru_align's losses on the same embeddings the LM reads (audio_alignment.losses)."""
         w, parts = self.p.alignment, {}
         if self.targets is not None:
-            target, target_lengths = self.batch_targets(batch.sentences, emb.device)
+            padded, target_lengths, mask = padded_targets(self.targets, batch.sentences, emb.device)
+            target = (padded - self.target_mean) / self.target_std * mask
             if w.cosine:
                 parts["cosine"] = interpolated_cosine_loss(emb, lengths, target, target_lengths, self.p.align_frames)
             if w.infonce:
-                distinct = list(dict.fromkeys(batch.sentences))
-                labels = torch.tensor([distinct.index(s) for s in batch.sentences], device=emb.device)
-                first = [batch.sentences.index(s) for s in distinct]
-                sim = pooled_similarity(emb, lengths, target[first], target_lengths[first])
-                parts["infonce"] = info_nce(sim, labels, self.p.infonce_temperature)
+                parts["infonce"] = sentence_info_nce(emb, lengths, target, target_lengths, batch.sentences,
+                                                     self.p.infonce_temperature)
         if self.ctc_head is not None:
-            log_probs = self.ctc_head(hidden).float().log_softmax(-1).transpose(0, 1)
-            parts["ctc"] = F.ctc_loss(log_probs, batch.phoneme_ids, lengths, batch.phoneme_lengths,
-                                      blank=BLANK_ID, reduction="none", zero_infinity=True).mean()
+            parts["ctc"] = ctc_head_loss(self.ctc_head(hidden), lengths, batch.phoneme_ids, batch.phoneme_lengths)
         return parts
-
-    def batch_targets(self, sentences, device):
-        found = self.targets.get(sentences)
-        seqs = [found[s] for s in sentences]
-        lengths = torch.tensor([len(t) for t in seqs], dtype=torch.int64, device=device)
-        padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
-        mask = torch.arange(padded.shape[1], device=device)[None, :] < lengths[:, None]
-        return (padded - self.target_mean) / self.target_std * mask.unsqueeze(2), lengths
 
     @torch.no_grad()
     def decode(self, batch):
@@ -305,11 +292,7 @@ def llm_decoder(params: LLMDecoderParams, ctx):
     w = params.alignment
     if params.alignment_weight > 0 and (w.cosine > 0 or w.infonce > 0):
         targets = TargetStore(params.targets, ctx.cache_dir)
-        splits = {split: [t.sentence for t in trials if t.sentence] for split, trials in ctx.trials.items()}
-        found = targets.get(list(dict.fromkeys(s for split in splits.values() for s in split)))
-        if params.standardize_targets and splits.get("train"):  # else (evaluate) the checkpoint brings them
-            frames = torch.cat([found[s].float() for s in dict.fromkeys(splits["train"])])
-            stats = frames.mean(0), frames.std(0).clamp(min=1e-3)
+        stats = fill_targets(targets, ctx.trials, params.standardize_targets)
     return LLMDecoder(params, loaded, targets, stats)
 
 

@@ -21,7 +21,7 @@ from llm_decoder.train_lm import TinyLMParams, train_tokenizer
 from config import TrainingParams
 from tests.conftest import REPO_ROOT
 from tests.test_audio_targets import tiny_vits  # noqa: F401  (fixture)
-from tests.test_gru_align import make_batch
+from tests.test_gru_align import HeldTargets, make_batch
 
 CONFIGS = REPO_ROOT / "configs" / "llm_decoder"
 SENTENCES = ["I want to go home now.", "The dog sleeps outside.", "Can you bring me some tea?", "It is cold today."]
@@ -90,6 +90,32 @@ def test_only_the_brain_side_and_lora_get_gradients(lm_folders, route):
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for name, p in model.named_parameters() if name in trainable}
     assert "lora" in {group["name"] for group in optimizer.param_groups}
+
+
+def test_alignment_losses_add_to_the_sentence_loss_with_their_weights(lm_folders):
+    """alpha x (cosine, InfoNCE against standardised targets, CTC head) + beta x sentence CE: each part
+    present, weighted as the config says, and the brain side learns from them."""
+    torch.manual_seed(1)
+    frames = {s: torch.randn(n, 6) for s, n in zip(SENTENCES, (7, 5, 9, 4))}
+    targets = HeldTargets(frames, 6)
+    stats = torch.randn(6), torch.rand(6) + 0.5
+    lm = LMParams(name_or_path=str(lm_folders / "causal"))
+    p = LLMDecoderParams(n_days=1, n_features=8, n_units=12, n_layers=1, patch_size=4, patch_stride=2,
+                         input_dropout=0.0, rnn_dropout=0.0, pack_sequences=False, lm=lm, prompt="<s>",
+                         lm_weight=0.5, alignment_weight=2.0)
+    p.alignment = replace(p.alignment, cosine=1.0, infonce=3.0, ctc=1.0)
+    torch.manual_seed(0)
+    model = LLMDecoder(p, load_language_model(lm, None, "unused"), targets, stats).train()
+    assert model.projector.out_features == 6  # the brain embeddings live in the targets' space
+    batch = batch_of(SENTENCES)
+    batch = replace(batch, phoneme_ids=torch.tensor([[3, 4], [5, 0], [6, 7], [8, 0]]),
+                    phoneme_lengths=torch.tensor([2, 1, 2, 1]))
+    parts = model.loss(batch)
+    assert set(parts) == {"loss", "lm_ce", "cosine", "infonce", "ctc"}
+    expected = 0.5 * parts["lm_ce"] + 2.0 * (parts["cosine"] + 3.0 * parts["infonce"] + parts["ctc"])
+    torch.testing.assert_close(parts["loss"], expected)
+    parts["loss"].backward()
+    assert model.ctc_head.weight.grad is not None and model.projector.weight.grad.abs().sum() > 0
 
 
 def test_the_loss_reads_only_sentence_tokens_and_ignores_padding(lm_folders):
