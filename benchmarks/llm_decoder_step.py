@@ -162,9 +162,9 @@ def run_one(size: str, variant: dict, args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = [step(args.warmup + i) for i in range(args.steps)]
+    median_ms = statistics.median(step(args.warmup + i) for i in range(args.steps))
     result = {"size": size, **variant, "batch_size": dp.batch_size, "steps": args.steps,
-              "median_ms": statistics.median(times), "trials_per_s": dp.batch_size / statistics.median(times) * 1000,
+              "median_ms": median_ms, "trials_per_s": dp.batch_size / median_ms * 1000,
               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
               "lm": model.lm_identity["name"], "threads": torch.get_num_threads(), "device": str(device)}

@@ -147,18 +147,19 @@ class LLMDecoder(GRUEncoder, DecoderModel):
 
     def loss(self, batch):
         emb, hidden, lengths = self(batch.features, batch.lengths, batch.day_indices)
-        parts = {}
+        parts, total = {}, 0.0
         if self.p.lm_weight > 0:
             brain, brain_lengths = self.to_lm_space(emb, lengths)
             prompt, after = self.context()
             inputs = training_inputs(prompt, brain, brain_lengths, after, self.sentence_ids(batch.sentences),
                                      self.embed_tokens)
             parts["lm_ce"] = sentence_loss(self.lm, inputs)
+            total = self.p.lm_weight * parts["lm_ce"]
         if self.p.alignment_weight > 0:
-            parts.update(self.alignment_losses(emb.float(), hidden, lengths, batch))
-        w = self.p.alignment
-        total = self.p.lm_weight * parts.get("lm_ce", 0.0) + self.p.alignment_weight * sum(
-            getattr(w, name) * parts[name] for name in ("cosine", "infonce", "ctc") if name in parts)
+            aligned = self.alignment_losses(emb.float(), hidden, lengths, batch)
+            parts.update(aligned)
+            total = total + self.p.alignment_weight * sum(getattr(self.p.alignment, name) * value
+                                                          for name, value in aligned.items())
         return {"loss": total, **parts}
 
     def alignment_losses(self, emb, hidden, lengths, batch) -> dict:

@@ -4,7 +4,11 @@ transcriptions, cached as a named artefact and then loaded like any pretrained L
 No pretrained LM can be downloaded on the machines this project runs on, so the embedded default
 trains one: a small BPE tokenizer (the `tokenizers` library, wrapped as a transformers fast
 tokenizer with bos/eos/pad) and a `Qwen2ForCausalLM` built from a small `Qwen2Config`, trained for a
-few hundred steps on "<s> sentence </s>". Both are written with `save_pretrained` to
+few hundred steps on "<s> <phonemes> <text> sentence </s>" (`phoneme_prompt`; "<s> sentence </s>"
+without it): the sentence's ARPAbet phonemes, one token each and corrupted at random (`corrupt`),
+then the sentence, the loss on the sentence only. The LM thus learns to write a sentence from what it
+reads between "<s>" and "<text>", the place the brain embeddings take (the configs' prompt and
+prompt_after). Both are written with `save_pretrained` to
 `<cache_dir>/llm/tiny-qwen2-<hash>/`, where the hash covers the sentences and every param, and read
 back by the same `from_pretrained` path a hub id or a local copy of a real LM goes through.
 
@@ -117,10 +121,9 @@ def train_tokenizer(sentences: list[str], params: TinyLMParams):
     saved beside a qwen2 config would be read back as Qwen2Tokenizer anyway, and mangled)."""
     from transformers import Qwen2Tokenizer
 
-    tokens = [SPECIAL_TOKENS[k] for k in ("bos_token", "eos_token", "pad_token")]
     tokenizer = Qwen2Tokenizer().train_new_from_iterator(sentences, vocab_size=params.vocab_size,
-                                                         new_special_tokens=tokens)
-    tokenizer.add_special_tokens({k: SPECIAL_TOKENS[k] for k in ("bos_token", "eos_token", "pad_token")})
+                                                         new_special_tokens=list(SPECIAL_TOKENS.values()))
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.add_tokens([*PHONEME_TOKENS, TEXT_TOKEN], special_tokens=True)  # never written in generated text
     return tokenizer
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from audio_alignment.model import LossWeights
 from harness import runner
 from harness.errors import UserError
 from harness.train import build_optimizer
@@ -56,13 +57,13 @@ def lm_folders(tmp_path_factory):
     return root
 
 
-def build(folder, lora=0, checkpointing=False, **overrides):
+def build(folder, lora=0, checkpointing=False, targets=None, stats=None, **overrides):
     lm = LMParams(name_or_path=str(folder), lora=LoRAParams(r=lora), gradient_checkpointing=checkpointing)
     p = LLMDecoderParams(n_days=1, n_features=8, n_units=12, n_layers=1, patch_size=4, patch_stride=2,
                          input_dropout=0.0, rnn_dropout=0.0, pack_sequences=False, lm=lm, prompt="<s>",
                          **overrides)
     torch.manual_seed(0)
-    return LLMDecoder(p, load_language_model(lm, None, "unused"))
+    return LLMDecoder(p, load_language_model(lm, None, "unused"), targets, stats)
 
 
 def batch_of(sentences, lengths=(20, 13, 9, 16)):
@@ -99,13 +100,8 @@ def test_alignment_losses_add_to_the_sentence_loss_with_their_weights(lm_folders
     frames = {s: torch.randn(n, 6) for s, n in zip(SENTENCES, (7, 5, 9, 4))}
     targets = HeldTargets(frames, 6)
     stats = torch.randn(6), torch.rand(6) + 0.5
-    lm = LMParams(name_or_path=str(lm_folders / "causal"))
-    p = LLMDecoderParams(n_days=1, n_features=8, n_units=12, n_layers=1, patch_size=4, patch_stride=2,
-                         input_dropout=0.0, rnn_dropout=0.0, pack_sequences=False, lm=lm, prompt="<s>",
-                         lm_weight=0.5, alignment_weight=2.0)
-    p.alignment = replace(p.alignment, cosine=1.0, infonce=3.0, ctc=1.0)
-    torch.manual_seed(0)
-    model = LLMDecoder(p, load_language_model(lm, None, "unused"), targets, stats).train()
+    model = build(lm_folders / "causal", targets=targets, stats=stats, lm_weight=0.5, alignment_weight=2.0,
+                  alignment=LossWeights(cosine=1.0, infonce=3.0, ctc=1.0)).train()
     assert model.projector.out_features == 6  # the brain embeddings live in the targets' space
     batch = batch_of(SENTENCES)
     batch = replace(batch, phoneme_ids=torch.tensor([[3, 4], [5, 0], [6, 7], [8, 0]]),
@@ -155,6 +151,7 @@ def test_the_loss_reads_only_sentence_tokens_and_ignores_padding(lm_folders):
         # a different prompt changes the loss (the LM reads it) but never what is labelled
         other = training_inputs(model.embed_tokens([2, 3, 4]), brain, brain_lengths, after, ids, model.embed_tokens)
         assert [row[row != IGNORE].tolist() for row in other.labels] == ids
+        assert not torch.isclose(sentence_loss(model.lm, other), loss)
 
 
 def test_generation_inputs_are_left_padded_and_pooling_keeps_padding_out():
