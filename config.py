@@ -120,7 +120,7 @@ class OutputParams:
 
 @dataclass
 class SlurmParams:
-    """Resources of `run --launcher slurm` (harness/slurm.py); one task per GPU, DDP across them."""
+    """Resources of `run --launcher slurm` (harness/launch.py); one task per GPU, DDP across them."""
 
     partition: str | None = None
     account: str | None = None

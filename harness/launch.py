@@ -44,7 +44,7 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
         raise UserError("--sweep starts new runs: it takes neither --resume nor --overwrite")
     load_plugins()
     if sweeps:
-        config, planned = plan_sweep(config_path, overrides, out, sweeps)
+        config, planned = plan_sweep(config_path, overrides, out, sweeps, launcher)
     else:
         config, planned = plan_single(config_path, overrides, out, resume, overwrite)
         if planned is None:
@@ -82,13 +82,15 @@ def _for_name(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", value if isinstance(value, str) else json.dumps(value)).strip("_")
 
 
-def plan_sweep(config_path, overrides, out, sweeps) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
+def plan_sweep(config_path, overrides, out, sweeps, launcher) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
     """Every combination validated before any folder is made; each gets a new folder under --out
     (default: the config's results_dir) named after the trial and its values."""
     if config_path is None:
         raise UserError("--sweep needs --config FILE")
     combos = expand_sweeps(sweeps)
     configs = [load_config(config_path, [*overrides, *sets]) for _, sets in combos]
+    if launcher == "slurm":
+        require_sbatch()
     parent = Path(out) if out else Path(configs[0].output.results_dir)
     planned = [(results.new_run_dir(parent, f"{config.trial_name}_{suffix}"), [*overrides, *sets])
                for config, (suffix, sets) in zip(configs, combos)]
@@ -105,6 +107,7 @@ def plan_single(config_path, overrides, out, resume, overwrite):
     if config_path is None and not (resume and (Path(out) / "config.yaml").is_file()):
         raise UserError("run needs --config FILE")
     config = load_config(config_path or Path(out) / "config.yaml", overrides)
+    require_sbatch()  # before --overwrite empties the folder
     if out is not None:
         folder = results.prepare_out_dir(out, resume, overwrite)
     else:
@@ -147,6 +150,11 @@ class SlurmRun(submitit.helpers.Checkpointable):
         return self.out
 
 
+def require_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: slurm is not installed here (use --launcher local)")
+
+
 def make_executor(sp: SlurmParams, job_name: str) -> submitit.SlurmExecutor:
     executor = submitit.SlurmExecutor(folder=Path(sp.log_dir).absolute() / "%j", max_num_timeout=sp.max_timeouts)
     params = dict(job_name=job_name, nodes=sp.nodes, ntasks_per_node=max(1, sp.gpus_per_node),
@@ -160,9 +168,6 @@ def make_executor(sp: SlurmParams, job_name: str) -> submitit.SlurmExecutor:
 
 def submit(config: ExperimentConfig, config_path: str | None, planned: list[tuple[Path, list[str]]]) -> list:
     """Submit one job (one planned run) or one job array (a sweep); print ids, folders and logs."""
-    if shutil.which("sbatch") is None:
-        _remove_empty(planned)
-        raise UserError("sbatch not found: slurm is not installed here (use --launcher local)")
     config_text = Path(config_path).read_text() if config_path is not None else None
     executor = make_executor(config.slurm, config.trial_name)
     calls = [SlurmRun(config_text, run_overrides, str(folder.absolute())) for folder, run_overrides in planned]

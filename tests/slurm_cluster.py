@@ -26,22 +26,24 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 JOB_CPUS = 16  # slurm's idea of the node (SlurmdParameters=config_overrides), so that jobs run side by side
 
 
-def answers(*command: str, env=None) -> bool:
+def answers(*command: str) -> bool:
     try:
-        return subprocess.run(command, capture_output=True, timeout=10, env=env).returncode == 0
+        return subprocess.run(command, capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll `predicate` until it returns something truthy; fail the test with `what` on time-out."""
+def wait_for(predicate, timeout: float, what: str | None):
+    """Poll `predicate` until it returns something truthy; on time-out fail the test with `what`,
+    or with what=None give up quietly (returns None)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+    if what is not None:
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def free_port() -> int:
@@ -164,15 +166,9 @@ def slurm_cluster(tmp_path_factory):
         finally:
             if len(started) == 3:  # jobs left by a failed test would outlive the daemons: cancel them first
                 subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
-                _wait_quietly(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 20)
+                wait_for(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 20, None)
             stop(started)
             shutil.rmtree(munge_folder, ignore_errors=True)
-
-
-def _wait_quietly(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not predicate():
-        time.sleep(0.2)
 
 
 def _read(path: Path) -> str | None:

@@ -208,6 +208,13 @@ def test_without_sbatch_nothing_is_left_behind(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
     code = main.main(["run", "--launcher", "slurm", "--config", str(TINY_CONFIG), "--out", str(tmp_path / "run")])
     assert code == 2 and "sbatch not found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # --overwrite on a folder that holds a run: refused before the folder is emptied
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text("{}")
+    code = main.main(["run", "--launcher", "slurm", "--config", str(TINY_CONFIG), "--out", str(tmp_path / "old"),
+                      "--overwrite"])
+    assert code == 2 and "sbatch not found" in capsys.readouterr().err
+    assert (tmp_path / "old" / "metrics.json").read_text() == "{}"
 
 
 def test_local_sweep_runs_every_value_here_one_after_the_other(small_dataset, tmp_path):
