@@ -263,9 +263,10 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
         seed_other_ranks(config.training_params.seed)
         trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
         stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
-        meta = results.base_meta(str(device))
-        meta["world_size"] = distributed.world_size()
+        meta = None  # rank 0 alone writes meta.json (base_meta runs git and reads package metadata)
         if distributed.is_main():
+            meta = results.base_meta(str(device))
+            meta["world_size"] = distributed.world_size()
             meta["data_fingerprint"] = fingerprint(trials, stores)
 
         run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, resume, overwrite) if out
@@ -366,10 +367,11 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
                                                 config.data_params.short_trials)
             log_skipped(skipped, model.min_time_steps)
             stores = {split: FeatureStore(trials[split], config.data_params.preload)}
-            meta = results.base_meta(str(device))
-            meta["world_size"] = distributed.world_size()
-            meta["checkpoint"] = str(path)
+            meta = None  # rank 0 alone writes meta.json
             if distributed.is_main():
+                meta = results.base_meta(str(device))
+                meta["world_size"] = distributed.world_size()
+                meta["checkpoint"] = str(path)
                 meta["data_fingerprint"] = fingerprint(trials, stores)
             preprocessors = build_preprocessors(config)
             rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
