@@ -45,7 +45,7 @@ def _umask() -> int:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # see partial_writes
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes owner-only files; results are for sharing
         with os.fdopen(fd, "wb") as f:
@@ -72,6 +72,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def partial_writes(folder: Path | str) -> list[Path]:
+    """The temp files (.<name>.<random>.tmp) of atomic_write_bytes calls in `folder` that a kill
+    cut short; the files they were to replace are intact."""
+    return sorted(Path(folder).glob(".*.tmp"))
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

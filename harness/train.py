@@ -35,7 +35,7 @@ from harness import distributed
 from harness.batching import TrainBatchSampler, TrialDataset, collate
 from harness.errors import UserError
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
-from harness.results import atomic_write_bytes
+from harness.results import atomic_write_bytes, partial_writes
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def remove_partial_checkpoints(ckpt_dir: Path) -> None:
-    """Temp files of writes that a kill cut short (results.atomic_write_bytes names them
-    .<name>.<random>.tmp); the checkpoints they were to replace are intact."""
-    for partial in ckpt_dir.glob(".*.tmp"):
+    """Checkpoint writes that a kill cut short; the checkpoints they were to replace are intact."""
+    for partial in partial_writes(ckpt_dir):
         log.warning("removing %s, a checkpoint write that did not finish", partial)
         partial.unlink(missing_ok=True)
 
