@@ -22,6 +22,7 @@ import torch
 from audio_alignment.losses import frame_similarity, unit_frames, unit_mean
 from harness.metrics import bootstrap_ci
 
+
 @dataclass
 class CandidateSet:
     sentences: list[str]

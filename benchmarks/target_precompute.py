@@ -46,8 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from audio_alignment.cache import TargetCache  # noqa: E402
-from audio_alignment.targets import (SAMPLE_RATE, TargetMaker, TargetParams, build_target_maker,  # noqa: E402
-                                     resolve_target_params)
+from audio_alignment.targets import SAMPLE_RATE, TargetMaker, TargetParams, build_target_maker  # noqa: E402
 from harness.sentences import unique_sentences  # noqa: E402
 
 
@@ -118,7 +117,7 @@ def full_size_maker(folder: Path, device: str, dtype: str, batch_size: int, spea
     params = TargetParams(tts={"name": "mms_tts", "params": {"model": str(folder / "vits"), "speaking_rate": speaking_rate}},
                           encoder={"name": "qwen2_audio", "params": {"model": str(folder / "qwen2_audio"), "dtype": dtype}},
                           device=device, batch_size=batch_size)
-    return build_target_maker(resolve_target_params(params))
+    return build_target_maker(params)  # resolves and checks the params
 
 
 def save_random_full_size_models(folder: Path) -> None:

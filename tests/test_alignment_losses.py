@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from audio_alignment.losses import (info_nce, interpolated_cosine_loss, masked_mean, pooled_similarity, resample,
-                                   sequence_cosine, sequence_similarity)
+                                   sentence_info_nce, sequence_cosine, sequence_similarity)
 from audio_alignment.retrieval import build_candidates, retrieval_metrics, similarity, true_ranks
 
 
@@ -70,6 +70,11 @@ def test_info_nce_treats_a_repeated_sentence_as_one_candidate():
         assert torch.allclose(sim, torch.eye(3)[[0, 1, 0]], atol=1e-6)
         assert info_nce(sim, labels, temperature=0.05) < 1e-6
         assert info_nce(sim, torch.tensor([1, 0, 1]), temperature=0.05) > 10
+    # From the batch's own target rows (one per trial): "a" twice is one candidate, not its own negative
+    # (as two candidates, trials 0 and 2 would each lose log 2).
+    rows, row_lengths = padded([torch.eye(3)[i].repeat(n, 1) for i, n in ((0, 4), (1, 3), (0, 6))])
+    for mode in ("pooled", "sequence"):
+        assert sentence_info_nce(brain, bl, rows, row_lengths, ["a", "b", "a"], 0.05, mode, n_frames=6) < 1e-6
 
 
 def test_retrieval_ranks_on_a_hand_made_case():

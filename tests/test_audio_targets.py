@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from audio_alignment.encoders import LogMelParams, Qwen2AudioParams, log_mel, qwen2_audio
+from audio_alignment.encoders import LogMelParams, Qwen2AudioParams, _one_torch_thread, log_mel, qwen2_audio
 from audio_alignment.targets import (SAMPLE_RATE, ComponentSpec, TargetParams, build_target_maker,
                                      resolve_target_params)
 from audio_alignment.tts import EspeakParams, MmsTtsParams, espeak_ng, mms_tts
@@ -24,10 +24,8 @@ LONG = "The quick brown fox jumps over the lazy dog and then it runs all the way
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a busy machine every op of two threads waits for
     the slower one (measured: a tiny VITS sentence 60 ms on one thread, 2-4 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Run folders are built by hand in tmp dirs with the contract's files (no training
 """
 
 import csv
-import json
 import os
 import signal
 import subprocess

@@ -241,6 +241,8 @@ def test_every_decoded_word_is_in_the_lexicon_and_the_nbest_is_distinct(tmp_path
         assert set(text.split()) <= {"the", "cat", "cap"}
     nbest = decoder.search.search(log_probs[0].numpy())
     assert len(nbest) > 1
+    assert len({h.words for h in nbest}) == len(nbest)  # distinct word sequences, not alignments
+    assert [h.score for h in nbest] == sorted((h.score for h in nbest), reverse=True)
 
 
 def test_the_sil_class_is_the_word_separator_of_the_project_order(tmp_path):
