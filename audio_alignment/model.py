@@ -78,11 +78,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
         self.p, self.evaluation = p, evaluation
         self.target_name, target_dim = targets.name, targets.dim
         self.min_time_steps = p.patch_size  # shorter trials give no output frame
-        if p.projector_hidden > 0:
-            self.projector = nn.Sequential(nn.Linear(p.n_units, p.projector_hidden), nn.GELU(),
-                                           nn.Linear(p.projector_hidden, target_dim))
-        else:
-            self.projector = nn.Linear(p.n_units, target_dim)
+        self.projector = make_projector(p.n_units, p.projector_hidden, target_dim)
         self.ctc_head = nn.Linear(p.n_units, N_CLASSES) if p.loss_weights.ctc > 0 else None
         self.word_decoder = word_decoder or NoWords()
         mean, std = target_stats if target_stats is not None else (torch.zeros(target_dim), torch.ones(target_dim))
@@ -99,11 +95,7 @@ class GRUAlign(GRUEncoder, DecoderModel):
         return hidden, self.projector(hidden), lengths
 
     def batch_targets(self, sentences: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        padded, lengths, mask = padded_targets(self.targets, sentences, device)
-        return self.standardize(padded) * mask, lengths  # padding stays zero
-
-    def standardize(self, frames: torch.Tensor) -> torch.Tensor:
-        return (frames - self.target_mean.to(frames.device)) / self.target_std.to(frames.device)
+        return standardized_targets(self.targets, sentences, device, self.target_mean, self.target_std)
 
     # -- DecoderModel
 
@@ -194,15 +186,23 @@ class TargetStore:
         return {s: self.frames[s] for s in sentences}
 
 
-def padded_targets(store, sentences: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T, D) float32 target frames of each sentence (from `store.get`), zero-padded; their
-    lengths (B,); the valid-frame mask (B, T, 1)."""
+def make_projector(n_units: int, hidden: int, dim: int) -> nn.Module:
+    """GRU outputs -> embeddings of width `dim`: one linear layer, or an MLP when `hidden` > 0."""
+    if hidden > 0:
+        return nn.Sequential(nn.Linear(n_units, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    return nn.Linear(n_units, dim)
+
+
+def standardized_targets(store, sentences: list[str], device, mean: torch.Tensor,
+                         std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, D) float32 target frames of each sentence (from `store.get`), standardised with the
+    training statistics, zero-padded (padding stays zero); their lengths (B,)."""
     found = store.get(sentences)
     seqs = [found[s] for s in sentences]
     lengths = torch.tensor([len(t) for t in seqs], dtype=torch.int64, device=device)
     padded = nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device, torch.float32)
     mask = torch.arange(padded.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
-    return padded, lengths, mask.unsqueeze(2)
+    return (padded - mean.to(device)) / std.to(device) * mask.unsqueeze(2), lengths
 
 
 def fill_targets(store, trials: dict, standardize: bool) -> tuple[torch.Tensor, torch.Tensor] | None:

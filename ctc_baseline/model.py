@@ -94,16 +94,20 @@ def ctc_baseline(params: CTCBaselineParams, ctx):
     return CTCBaseline(params, build_word_decoder(params.word_decoder, sentences, ctx.cache_dir))
 
 
-def training_sentences(ctx) -> list[str]:
-    """The training transcriptions: the run's train split, or, where the model is built without data
-    (`evaluate`), the train split of the data being decoded (labels only, no features)."""
+def training_trials(ctx) -> list:
+    """The training trials (labels only, no features): the run's train split, or, where the model is
+    built without data (`evaluate`), the train split of the data being decoded."""
     trials = ctx.trials.get("train")
     if trials is None:
         dp = ctx.config.data_params
         trials = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
-        log.info("word decoding: vocabulary and LM text from the %d training transcriptions in %s",
-                 len(trials), dp.data_dir)
-    return [t.sentence for t in trials if t.sentence]
+        log.info("training transcriptions: the %d training trials in %s", len(trials), dp.data_dir)
+    return trials
+
+
+def training_sentences(ctx) -> list[str]:
+    """The training transcriptions (word decoders' vocabulary and LM text)."""
+    return [t.sentence for t in training_trials(ctx) if t.sentence]
 
 
 @register_config_setter()

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from audio_alignment.losses import ctc_head_loss, interpolated_cosine_loss, sentence_info_nce
-from audio_alignment.model import LossWeights, TargetStore, fill_targets, padded_targets
+from audio_alignment.model import LossWeights, TargetStore, fill_targets, make_projector, standardized_targets
 from audio_alignment.targets import TargetParams, resolve_target_params
-from ctc_baseline.model import greedy_phonemes
+from ctc_baseline.model import greedy_phonemes, training_trials
 from gru_decoder import GRUEncoder, GRUEncoderParams
-from harness.data import find_sessions, read_trials
 from harness.errors import UserError
 from harness.metrics import normalize_text
 from harness.model_api import DecoderModel
@@ -84,9 +83,7 @@ class LLMDecoder(GRUEncoder, DecoderModel):
         self.lm_identity = loaded.identity
         self.targets = targets  # not a module: the targets stay out of the state dict
         dim = resolve_embedding_dim(p, loaded, targets)
-        self.projector = (nn.Linear(p.n_units, dim) if p.projector_hidden <= 0 else
-                          nn.Sequential(nn.Linear(p.n_units, p.projector_hidden), nn.GELU(),
-                                        nn.Linear(p.projector_hidden, dim)))
+        self.projector = make_projector(p.n_units, p.projector_hidden, dim)
         self.lm_projector = nn.Linear(dim, loaded.hidden_size) if loaded.audio_projector is None else None
         self.ctc_head = nn.Linear(p.n_units, N_CLASSES) if p.alignment_weight > 0 and p.alignment.ctc > 0 else None
         mean, std = target_stats if target_stats is not None else (torch.zeros(dim), torch.ones(dim))
@@ -166,8 +163,8 @@ class LLMDecoder(GRUEncoder, DecoderModel):
         """gru_align's losses on the same embeddings the LM reads (audio_alignment.losses)."""
         w, parts = self.p.alignment, {}
         if self.targets is not None:
-            padded, target_lengths, mask = padded_targets(self.targets, batch.sentences, emb.device)
-            target = (padded - self.target_mean) / self.target_std * mask
+            target, target_lengths = standardized_targets(self.targets, batch.sentences, emb.device,
+                                                          self.target_mean, self.target_std)
             if w.cosine:
                 parts["cosine"] = interpolated_cosine_loss(emb, lengths, target, target_lengths, self.p.align_frames)
             if w.infonce:
@@ -269,14 +266,9 @@ def resolve_embedding_dim(p: LLMDecoderParams, loaded: LoadedLM, targets: Target
 
 
 def training_transcriptions(ctx) -> list[tuple[str, str]]:
-    """(sentence, phonemes) of every labelled training trial: the run's train split, or, where the model is
-    built without data (`evaluate`), the train split of the data being decoded (as ctc_baseline's
-    training_sentences, with the phoneme labels too)."""
-    trials = ctx.trials.get("train")
-    if trials is None:
-        dp = ctx.config.data_params
-        trials = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
-    return [(t.sentence, ids_to_text(t.phoneme_ids)) for t in trials if t.sentence and t.phoneme_ids is not None]
+    """(sentence, phonemes) of every labelled training trial (ctc_baseline's training_trials)."""
+    return [(t.sentence, ids_to_text(t.phoneme_ids)) for t in training_trials(ctx)
+            if t.sentence and t.phoneme_ids is not None]
 
 
 @register_model_constructor()
