@@ -104,9 +104,9 @@ def plan_single(config_path, overrides, out, resume, overwrite):
     if resume and results.is_finished(out):
         print(f"{out} is already finished (DONE): nothing to submit")
         return None, None
-    if config_path is None and not (resume and (Path(out) / "config.yaml").is_file()):
-        raise UserError("run needs --config FILE")
-    config = load_config(config_path or Path(out) / "config.yaml", overrides)
+    from harness.runner import load_run_config
+
+    config = load_run_config(config_path, overrides, out, resume)
     require_sbatch()  # before --overwrite empties the folder
     if out is not None:
         folder = results.prepare_out_dir(out, resume, overwrite)

@@ -229,6 +229,15 @@ def write_run_outputs(run_dir: Path, rows, metrics, meta) -> None:
 # `run`
 
 
+def load_run_config(config_path: str | None, overrides: list[str], out: str | None, resume: bool) -> ExperimentConfig:
+    """`run`'s config: --config FILE, or with --resume and no --config the run folder's own config.yaml."""
+    if config_path is not None:
+        return load_config(config_path, overrides)
+    if resume and out is not None and (Path(out) / "config.yaml").is_file():
+        return load_config(Path(out) / "config.yaml", overrides)
+    raise UserError("run needs --config FILE")
+
+
 def run(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool) -> Path:
     load_plugins()
     if resume and out is None:
@@ -238,12 +247,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
         return Path(out)
     if out is not None:
         results.check_out_dir(out, resume, overwrite)
-    if config_path is not None:
-        config = load_config(config_path, overrides)
-    elif resume and (Path(out) / "config.yaml").is_file():
-        config = load_config(Path(out) / "config.yaml", overrides)
-    else:
-        raise UserError("run needs --config FILE")
+    config = load_run_config(config_path, overrides, out, resume)
     check_training_params(config)
     dp = config.data_params
     needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
