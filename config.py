@@ -20,6 +20,7 @@ import difflib
 import inspect
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from harness.errors import UserError
+from registry import CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS, Registry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,11 +36,26 @@ from harness.errors import UserError
 
 
 @dataclass
-class PreprocessorSpec:
-    """One entry of `data_params.preprocessors`: a registered preprocessor and its params."""
+class ComponentSpec:
+    """A registered component and its params, e.g. {name: gaussian_smoothing, params: {std: 2.0}}.
+
+    Every config key that names a component (preprocessors, word decoders, TTS engines, audio
+    encoders, and any a plugin defines) is one of these, declared with `component()` or
+    `components()`: loading the config looks the name up in the field's registry and types the params
+    by the registered function's params dataclass, with the key path and file in every error."""
 
     name: str
     params: Any = field(default_factory=dict)
+
+
+def component(registry: Registry, default: str):
+    """A dataclass field holding one ComponentSpec of `registry`, `default` named when absent."""
+    return field(default_factory=lambda: ComponentSpec(default), metadata={"registry": registry})
+
+
+def components(registry: Registry):
+    """A dataclass field holding a list of ComponentSpecs of `registry` (empty by default)."""
+    return field(default_factory=list, metadata={"registry": registry})
 
 
 @dataclass
@@ -46,7 +63,7 @@ class DataParams:
     data_dir: str = "data/synthetic"  # the folder holding the session folders (hdf5_data_final/)
     sessions: list[str] | None = None  # None: every session folder found; the order fixes day indices
     n_features: int = 512  # width of input_features; a file that differs is an error
-    preprocessors: list[PreprocessorSpec] = field(default_factory=list)  # applied in order, every batch
+    preprocessors: list[ComponentSpec] = components(DATA_PREPROCESSORS)  # applied in order, every batch
     batch_size: int = 64
     days_per_batch: int = 4  # sessions per training batch; trials drawn per session with replacement
     eval_batch_size: int = 64  # evaluation: each session's trials in order, chunks of at most this
@@ -152,6 +169,13 @@ class ExperimentConfig:
 # Strict conversion from plain data (YAML) to dataclasses
 
 
+class KeyPath:
+    """Errors that name the key path only: values given in code, not read from a file."""
+
+    def error(self, path: str, problem: str) -> UserError:
+        return UserError(f"{path}: {problem}")
+
+
 class _Where:
     """Where a value came from, for error messages."""
 
@@ -218,7 +242,36 @@ def _dataclass_from_data(cls, data, where, path):
             values[name] = from_data(hints[name], data[name], where, _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise where.error(_join(path, name), "required key is missing")
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default := f.default_factory()):
+            # a section left out: its defaults checked like given values (component params typed)
+            values[name] = from_data(hints[name], to_data(default), where, _join(path, name))
+        if "registry" in f.metadata and name in values:
+            values[name] = _typed_specs(f.metadata["registry"], values[name], where, _join(path, name))
     return cls(**values)
+
+
+def _typed_specs(registry: Registry, value, where, path):
+    """A component field's value (one ComponentSpec or a list of them) with every spec's name
+    looked up and its params typed."""
+    if isinstance(value, list):
+        return [_typed_spec(registry, spec, where, f"{path}[{i}]") for i, spec in enumerate(value)]
+    return _typed_spec(registry, value, where, path)
+
+
+def _typed_spec(registry: Registry, spec: ComponentSpec, where, path: str) -> ComponentSpec:
+    fn = _lookup(registry, spec.name, where, f"{path}.name")
+    cls = params_type(fn)
+    if cls is not None and isinstance(spec.params, cls):
+        return spec
+    return ComponentSpec(spec.name, _typed(cls, spec.params, where, f"{path}.params"))
+
+
+def typed_spec(registry: Registry, spec: ComponentSpec, path: str) -> ComponentSpec:
+    """`spec` with its params typed by `registry`'s function (Registry.build uses it for specs made
+    in code; a loaded config's specs are typed already). Errors name `path`."""
+    if isinstance(spec, dict):
+        spec = from_data(ComponentSpec, spec, KeyPath(), path)
+    return _typed_spec(registry, spec, KeyPath(), path)
 
 
 def _scalar(cls, data, where, path):
@@ -319,8 +372,6 @@ def params_type(fn) -> type | None:
 def load_config(path: Path | str | None = None, overrides: list[str] = (), data: dict | None = None) -> ExperimentConfig:
     """Read a YAML config (or a dict), apply `--set` overrides, validate everything, type the
     model and preprocessor params by their registered functions."""
-    from registry import DATA_PREPROCESSORS, MODEL_CONSTRUCTORS, CONFIG_SETTERS
-
     source = str(path) if path is not None else "config"
     raw = read_yaml(Path(path)) if data is None else copy.deepcopy(data)
     overridden = apply_overrides(raw, list(overrides))
@@ -329,12 +380,18 @@ def load_config(path: Path | str | None = None, overrides: list[str] = (), data:
 
     constructor = _lookup(MODEL_CONSTRUCTORS, config.model_constructor_name, where, "model_constructor_name")
     config.model_params = _typed(params_type(constructor), config.model_params, where, "model_params")
+    if config.config_setter_name in RETIRED_SETTERS:
+        warnings.warn(f"{source}: config_setter_name {config.config_setter_name} is no longer needed (the harness "
+                      "fills n_days and n_features itself): drop the key", DeprecationWarning, stacklevel=2)
+        config.config_setter_name = None
     if config.config_setter_name is not None:
         _lookup(CONFIG_SETTERS, config.config_setter_name, where, "config_setter_name")
-    for i, spec in enumerate(config.data_params.preprocessors):
-        fn = _lookup(DATA_PREPROCESSORS, spec.name, where, f"data_params.preprocessors[{i}].name")
-        spec.params = _typed(params_type(fn), spec.params, where, f"data_params.preprocessors[{i}].params")
     return config
+
+
+# Setters of the shipped models that only filled n_days and n_features, which the harness now fills
+# for every model: configs and checkpoints of version 0.1 still name them. Accepted until 0.3.
+RETIRED_SETTERS = {"ctc_baseline_setter", "gru_align_setter", "llm_decoder_setter"}
 
 
 def _lookup(registry, name, where, path):

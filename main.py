@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = run.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    run.add_argument("--no-preflight", dest="preflight", action="store_false",
+                     help="skip the pre-flight check (one small batch through loss and decode before the run folder)")
     run.add_argument("--launcher", choices=["local", "slurm"], default="local",
                      help="local: run here (default); slurm: submit a job with the config's slurm: resources and return")
     run.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
@@ -40,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--split", required=True, choices=["train", "val", "test"])
     ev.add_argument("--out", metavar="RUN_DIR", help="output run folder (default: new folder under results/)")
     ev.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    ev.add_argument("--no-preflight", dest="preflight", action="store_false",
+                    help="skip the pre-flight check (one small batch through decode before the run folder)")
     ev.add_argument("--kaggle-csv", metavar="FILE", help="also write id,text predictions in the Kaggle order")
 
     cmp = commands.add_parser("compare", help="compare finished runs side by side",
@@ -67,11 +71,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from harness.launch import launch
 
-        launch(args.config, args.overrides, args.out, args.resume, args.overwrite, args.launcher, args.sweeps)
+        launch(args.config, args.overrides, args.out, args.resume, args.overwrite, args.launcher, args.sweeps,
+               args.preflight)
     elif args.command == "evaluate":
         from harness.runner import evaluate
 
-        evaluate(args.checkpoint, args.data_dir, args.split, args.out, args.kaggle_csv, args.overwrite)
+        evaluate(args.checkpoint, args.data_dir, args.split, args.out, args.kaggle_csv, args.overwrite, args.preflight)
     elif args.command == "compare":
         from harness.compare import compare
 

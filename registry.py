@@ -1,9 +1,14 @@
-"""Decorator registries: model constructors, data preprocessors, config setters, word decoders.
+"""Decorator registries: model constructors, data preprocessors, config setters, word decoders, TTS
+engines, audio encoders and checkpoint formats.
 
-Registration is explicit (a decorator on a function in a model folder), a duplicate name raises and
-names both definitions, and an unknown name raises with the registered names and a "did you mean".
-Model folders are found by `harness.plugins.load_plugins()`: any top-level folder of the repository
-with an `__init__.py` is imported, so adding a folder is enough; nothing here needs editing.
+Registration is explicit (a decorator on a function in a model folder or a shared package), a
+duplicate name raises and names both definitions, and an unknown name raises with the registered
+names and a "did you mean". Model folders are found by `harness.plugins.load_plugins()`: any
+top-level folder of the repository with an `__init__.py` is imported, so adding a folder is enough;
+nothing here needs editing.
+
+A config names a component of any registry the same way, as a `config.ComponentSpec`
+(`{name: ..., params: {...}}`); `Registry.build(spec, *args)` builds it.
 
     from registry import register_model_constructor
 
@@ -52,6 +57,15 @@ class Registry:
             return self._entries[name]
         raise UserError(unknown_name_message(self.kind, name, self.names()))
 
+    def build(self, spec, *args, path: str | None = None):
+        """The component `spec` (a config.ComponentSpec) names, built as `fn(params, *args)`. Params
+        still given as a mapping (a spec made in code) are typed here, with the same errors as a
+        config file's: `path` names the key in them (default: the registry's kind)."""
+        from config import typed_spec  # config imports this module: imported when first used
+
+        spec = typed_spec(self, spec, path or self.kind)
+        return self.get(spec.name)(spec.params, *args)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -78,10 +92,20 @@ ALL_REGISTRIES: list[Registry] = []  # every Registry, in creation order (harnes
 MODEL_CONSTRUCTORS = Registry("model constructor")
 DATA_PREPROCESSORS = Registry("data preprocessor")
 CONFIG_SETTERS = Registry("config setter")
-# Phoneme log-probs -> words, for any model emitting the 41 classes (ctc_baseline.word_decoding).
+# Phoneme log-probs -> words, for any model emitting the 41 classes (word_decoding/).
 WORD_DECODERS = Registry("word decoder")
+# Sentence -> speech -> frames: the targets of the audio-aligned models (alignment/).
+TTS_ENGINES = Registry("TTS engine")
+AUDIO_ENCODERS = Registry("audio encoder")
+# Checkpoints written by other code (e.g. the reference baseline trainer) that `evaluate` reads: a
+# function of a path that returns {"config": dict, "model": state dict, "file": Path}, or None when
+# the path is not in its format.
+CHECKPOINT_FORMATS = Registry("checkpoint format")
 
 register_model_constructor = MODEL_CONSTRUCTORS.register
 register_data_preprocessor = DATA_PREPROCESSORS.register
 register_config_setter = CONFIG_SETTERS.register
 register_word_decoder = WORD_DECODERS.register
+register_tts = TTS_ENGINES.register
+register_audio_encoder = AUDIO_ENCODERS.register
+register_checkpoint_format = CHECKPOINT_FORMATS.register

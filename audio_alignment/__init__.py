@@ -1,5 +1,5 @@
-"""The audio-aligned GRU (issue 5): frozen TTS + audio-encoder targets, their cache, the model."""
+"""The audio-aligned GRU (`gru_align`): the shared GRU encoder trained so that its embeddings match a
+frozen audio encoder's embeddings of text-to-speech audio of the sentence. Its targets, losses and
+retrieval scoring are the shared `alignment` package."""
 
-from audio_alignment import targets  # noqa: F401  registries and TargetMaker first: the components register into them
-from audio_alignment import cache, encoders, tts  # noqa: F401
-from audio_alignment import losses, model, retrieval  # noqa: F401  the gru_align model (registers its constructor and setter)
+from audio_alignment import model  # noqa: F401  registers the gru_align constructor

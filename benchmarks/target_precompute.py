@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from audio_alignment.cache import TargetCache  # noqa: E402
-from audio_alignment.targets import SAMPLE_RATE, TargetMaker, TargetParams, build_target_maker  # noqa: E402
+from alignment.cache import TargetCache  # noqa: E402
+from alignment.targets import SAMPLE_RATE, TargetMaker, TargetParams, build_target_maker  # noqa: E402
 from harness.sentences import unique_sentences  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def time_cache(maker: TargetMaker, sentences: list[str], repeats: int) -> dict:
 def time_log_mel_threads(maker: TargetMaker, sentences: list[str], repeats: int) -> dict:
     """Ablation: log_mel as shipped (its feature extraction on one torch thread) against the same
     code on torch's thread count, interleaved repeat by repeat on the same audio."""
-    from audio_alignment import encoders
+    from alignment import encoders
 
     waveforms = maker.tts(sentences)
     batches = [waveforms[i:i + maker.batch_size] for i in range(0, len(waveforms), maker.batch_size)]

@@ -41,10 +41,11 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import ctc_baseline  # noqa: E402,F401  (registers the model and the word decoders)
-from config import load_config  # noqa: E402
+import ctc_baseline  # noqa: E402,F401  (registers the model)
+from config import ComponentSpec, load_config, typed_spec  # noqa: E402
 from ctc_baseline.model import CTCBaseline  # noqa: E402
-from ctc_baseline.word_decoding import WordDecoderSpec, build_word_decoder, cached_lm, lm_text, typed_params  # noqa: E402
+from registry import WORD_DECODERS  # noqa: E402
+from word_decoding.decoders import build_word_decoder, cached_lm, lm_text  # noqa: E402
 from harness.batching import collate, eval_batches  # noqa: E402
 from harness.data import FeatureStore, read_trials  # noqa: E402
 from harness.evaluation import apply_preprocessors  # noqa: E402
@@ -67,7 +68,7 @@ def val_log_probs(run_dir: Path, split: str = "val") -> dict:
     """Log-softmax outputs (valid frames) of every trial of `split`, decoded with the run's best weights."""
     payload, path = load_any_checkpoint(run_dir)
     config = load_config(data=payload["config"])
-    config.model_params.word_decoder = WordDecoderSpec()  # phonemes only: the benchmark decodes the words
+    config.model_params.word_decoder = ComponentSpec("greedy")  # phonemes only: the benchmark decodes the words
     dp = config.data_params
     trials = read_trials(dp.data_dir, dp.sessions, split, dp.n_features)
     trials = [t for t in trials if t.n_time_steps >= config.model_params.patch_size]
@@ -131,11 +132,11 @@ def worker(job: dict) -> dict:
     train = list(inputs["train"])
     settings = [{"beam_size": b, "lm_weight": job["lm_weight"]} for b in sorted(job["beams"], reverse=True)]
     settings.append({"beam_size": job["default_beam"], "lm_weight": 0.0})
-    specs = [WordDecoderSpec("lexicon_ngram", {**job["params"], **setting}) for setting in settings]
+    specs = [ComponentSpec("lexicon_ngram", {**job["params"], **setting}) for setting in settings]
     out = {"lm": job["name"], "n_sentences": len(references), "rss_start_mb": vm_kib("VmRSS") / 1024}
 
     # 1. the LM alone (built from text, as a run does the first time; cached after)
-    first = typed_params(specs[0])
+    first = typed_spec(WORD_DECODERS, specs[0], "word_decoder").params
     start = time.perf_counter()
     lm_file = cached_lm(lm_text(first, train), first.lm_order, Path(job["cache_dir"], "word_decoding"))
     out.update(lm_build_s=time.perf_counter() - start, lm_build_peak_rss_mb=vm_kib("VmHWM") / 1024,

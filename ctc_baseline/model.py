@@ -1,25 +1,20 @@
 """The Brain-to-Text '25 baseline as a b2t-bench model: GRU encoder + linear phoneme head, CTC loss,
 greedy phoneme decoding (reference sections 3 and 6) and a configurable word decoder
-(`model_params.word_decoder`, ctc_baseline.word_decoding) for the text."""
+(`model_params.word_decoder`, the shared word_decoding package) for the text."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctc_baseline.word_decoding import NoWords, WordDecoderSpec, build_word_decoder, log_softmax_cpu
+from config import ComponentSpec
 from gru_decoder import GRUEncoder, GRUEncoderParams
-from harness.data import find_sessions, read_trials
-from harness.errors import UserError
 from harness.model_api import DecoderModel
-from harness.phonemes import BLANK_ID, N_CLASSES, ids_to_text
-from registry import register_config_setter, register_model_constructor
-
-log = logging.getLogger(__name__)
+from harness.phonemes import BLANK_ID, N_CLASSES
+from registry import register_model_constructor
+from word_decoding import NoWords, build_word_decoder, greedy_phonemes, log_softmax_cpu, word_decoder_field
 
 
 @dataclass
@@ -32,7 +27,7 @@ class CTCBaselineParams(GRUEncoderParams):
     zero_infinity: bool = False
     # Phonemes -> text: greedy (no text), lexicon_ngram (lexicon + n-gram beam search, optional LLM
     # rescoring). Not part of the network: a checkpoint decodes with any word decoder.
-    word_decoder: WordDecoderSpec = field(default_factory=WordDecoderSpec)
+    word_decoder: ComponentSpec = word_decoder_field()
 
 
 class CTCBaseline(GRUEncoder, DecoderModel):
@@ -71,46 +66,8 @@ class CTCBaseline(GRUEncoder, DecoderModel):
         return self.word_decoder.split_metrics(rows)
 
 
-def greedy_phonemes(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-    """Best class per frame up to each valid length, merge repeats, THEN drop blanks.
-
-    (The reference evaluation script drops blanks first, which turns "A blank A" into "A";
-    the correct CTC collapse gives "A A".)"""
-    texts = []
-    for best, n in zip(logits.argmax(-1).tolist(), lengths.tolist()):
-        frames = best[:n]
-        merged = [c for i, c in enumerate(frames) if i == 0 or c != frames[i - 1]]
-        texts.append(ids_to_text([c for c in merged if c != BLANK_ID]))
-    return texts
-
-
 @register_model_constructor()
 def ctc_baseline(params: CTCBaselineParams, ctx):
-    if params.n_days < len(ctx.sessions):
-        raise UserError(f"model_params.n_days is {params.n_days} but the run has {len(ctx.sessions)} sessions "
-                        "(use config_setter_name: ctc_baseline_setter to fill it)")
     # greedy needs no text; the others build their vocabulary and LM from the training transcriptions
-    sentences = training_sentences(ctx) if params.word_decoder.name != "greedy" else []
+    sentences = ctx.training_sentences() if params.word_decoder.name != "greedy" else []
     return CTCBaseline(params, build_word_decoder(params.word_decoder, sentences, ctx.cache_dir))
-
-
-def training_trials(ctx) -> list:
-    """The training trials (labels only, no features): the run's train split, or, where the model is
-    built without data (`evaluate`), the train split of the data being decoded."""
-    trials = ctx.trials.get("train")
-    if trials is None:
-        dp = ctx.config.data_params
-        trials = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
-        log.info("training transcriptions: the %d training trials in %s", len(trials), dp.data_dir)
-    return trials
-
-
-def training_sentences(ctx) -> list[str]:
-    """The training transcriptions (word decoders' vocabulary and LM text)."""
-    return [t.sentence for t in training_trials(ctx) if t.sentence]
-
-
-@register_config_setter()
-def ctc_baseline_setter(config, data):
-    config.model_params.n_days = len(data.sessions)
-    config.model_params.n_features = data.n_features

@@ -19,6 +19,7 @@ import yaml
 
 from ctc_baseline.model import CTCBaseline, CTCBaselineParams
 from harness.errors import UserError
+from registry import register_checkpoint_format
 
 try:  # numpy >= 2
     from numpy._core.multiarray import scalar as _numpy_scalar
@@ -70,6 +71,16 @@ def load_reference_checkpoint(folder) -> tuple[dict, dict, dict]:
     info = {"val_PER": _float(checkpoint, "val_PER", checkpoint_path),
             "val_loss": _float(checkpoint, "val_loss", checkpoint_path)}
     return config, state, info
+
+
+@register_checkpoint_format()
+def reference_baseline(path: Path) -> dict | None:
+    """`evaluate --checkpoint FOLDER` of a reference trainer's folder (it holds checkpoint/args.yaml);
+    None for any other path."""
+    if not (Path(path) / "checkpoint" / "args.yaml").is_file():
+        return None
+    config, state, _ = load_reference_checkpoint(path)
+    return {"config": config, "model": state, "file": Path(path) / "checkpoint" / "best_checkpoint"}
 
 
 def reference_config(args: dict, source, name: str = "reference") -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness import plots, results
 from harness.errors import UserError
-from harness.metrics import COLUMNS, METRICS, as_number, bootstrap_ci
+from harness.metrics import COLUMNS, METRICS, as_number
 from harness.paired_stats import paired_comparison
 from harness.run_reader import Run, find_runs, load_run
 
@@ -52,7 +52,7 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     if len(groups) > 1:
         print(f"warning: comparing runs on different data because of --force: {_describe(groups)}")
 
-    table = summary_rows(runs, n_resamples, seed)
+    table = summary_rows(runs)
     splits = list(dict.fromkeys(row["split"] for row in table))
     pairs = [row for split in splits for row in paired_rows(runs, split, n_resamples, seed)]
     images = write_plots(runs, splits, out_dir)
@@ -134,49 +134,25 @@ def _describe(groups: list[list[Run]]) -> str:
 # --------------------------------------------------------------------------- one row per run and split
 
 
-def _ranks(run: Run, split: str) -> list[float] | None:
-    """true_rank of every trial of the split (1 = the true sentence ranked first), or None if the
-    run has no ranks there. A rank below 1 is refused: counting from 0 would shift every top-k."""
-    ranks = [as_number(row.get("true_rank")) for row in run.rows if row.get("split") == split]
-    ranks = [r for r in ranks if r is not None]
-    if not ranks:
-        return None
-    if min(ranks) < 1:
-        raise UserError(f"{run.dir / 'per_trial.csv'}: true_rank {min(ranks):g} in {split}; ranks count from 1 "
-                        "(1 = the true sentence ranked first)")
-    return ranks
-
-
 def _is_scored(entry: dict) -> bool:
     return any(entry.get(m) is not None for m in (*METRICS, *RETRIEVAL))
 
 
-def _retrieval_columns(run: Run, split: str, entry: dict, n_resamples: int, seed: int) -> dict:
-    """retrieval_top1/top10 with CIs where the run has retrieval output: value and CI from
-    metrics.json, else computed from the per-trial true_rank (the CI resampled like error rates)."""
-    ranks = _ranks(run, split)
+def _retrieval_columns(entry: dict) -> dict:
+    """retrieval_top1/top10 with their CIs, as metrics.json has them (harness.metrics computes them
+    from the per-trial true_rank when the run is written; compare never recomputes them)."""
     out = {}
-    for metric, k in RETRIEVAL.items():
-        value = entry.get(metric)
-        if value is None and ranks is None:
+    for metric in RETRIEVAL:
+        if entry.get(metric) is None:
             continue
-        ci = entry.get(f"{metric}_ci")
-        if ranks is not None:
-            hits = [float(r <= k) for r in ranks]
-            from_ranks = sum(hits) / len(hits)
-            if value is not None and abs(value - from_ranks) > 1e-9:
-                print(f"warning: {run.name} {split}: {metric} is {value} in metrics.json but {from_ranks} "
-                      "from true_rank in per_trial.csv")
-            value = from_ranks if value is None else value
-            ci = ci or bootstrap_ci(hits, [1.0] * len(hits), n_resamples, seed)
-        out.update({metric: value, f"{metric}_ci_low": ci[0] if ci else None, f"{metric}_ci_high": ci[1] if ci else None})
+        ci = entry.get(f"{metric}_ci") or [None, None]
+        out.update({metric: entry[metric], f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1]})
     return out
 
 
-def summary_rows(runs: list[Run], n_resamples: int, seed: int) -> list[dict]:
+def summary_rows(runs: list[Run]) -> list[dict]:
     """comparison.csv: one row per run and split that has any score (an unlabeled test split has
-    none and is left out). Error rates and their CIs come from metrics.json; retrieval accuracy
-    from metrics.json, its CI from the per-trial true_rank."""
+    none and is left out). Every figure and CI comes from metrics.json."""
     rows = []
     for run in runs:
         info = run.metrics.get("run") or {}
@@ -187,7 +163,7 @@ def summary_rows(runs: list[Run], n_resamples: int, seed: int) -> list[dict]:
             for metric in METRICS:
                 ci = entry.get(f"{metric}_ci") or [None, None]
                 row.update({metric: entry.get(metric), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1]})
-            row.update(_retrieval_columns(run, split, entry, n_resamples, seed))
+            row.update(_retrieval_columns(entry))
             if "n_candidates" in entry:
                 row["n_candidates"] = entry["n_candidates"]
             row.update({"n_trials": entry.get("n_trials"), "steps": info.get("steps"),
@@ -204,6 +180,9 @@ def _metric_values(run: Run, row: dict, metric: str) -> tuple[float, float] | No
     retrieval accuracy; None where the run has no such number for this trial."""
     if metric in RETRIEVAL:
         rank = as_number(row.get("true_rank"))
+        if rank is not None and rank < 1:  # counting from 0 would shift every top-k
+            raise UserError(f"{run.dir / 'per_trial.csv'}: true_rank {rank:g} in {row.get('split')}; ranks count "
+                            "from 1 (1 = the true sentence ranked first)")
         return None if rank is None else (float(rank <= RETRIEVAL[metric]), 1.0)
     edits, count = (as_number(row.get(c)) for c in COLUMNS[metric])
     return None if edits is None or count is None else (edits, count)

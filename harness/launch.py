@@ -27,15 +27,16 @@ from config import ExperimentConfig, SlurmParams, load_config
 from harness import results
 from harness.errors import UserError
 from harness.plugins import load_plugins
+from harness.runner import check_model
 
 
 def launch(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
-           launcher: str = "local", sweeps: list[str] = ()) -> None:
+           launcher: str = "local", sweeps: list[str] = (), check: bool = True) -> None:
     """main.py run: one run or a sweep, here or on slurm."""
     from harness.runner import run
 
     if launcher == "local" and not sweeps:
-        run(config_path, overrides, out, resume, overwrite)
+        run(config_path, overrides, out, resume, overwrite, check)
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--sweep and --launcher slurm start runs of their own: start them with plain python, not under "
@@ -44,14 +45,14 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
         raise UserError("--sweep starts new runs: it takes neither --resume nor --overwrite")
     load_plugins()
     if sweeps:
-        config, planned = plan_sweep(config_path, overrides, out, sweeps, launcher)
+        config, planned = plan_sweep(config_path, overrides, out, sweeps, launcher, check)
     else:
-        config, planned = plan_single(config_path, overrides, out, resume, overwrite)
+        config, planned = plan_single(config_path, overrides, out, resume, overwrite, check)
         if planned is None:
             return
     if launcher == "local":
         for folder, run_overrides in planned:
-            run(config_path, run_overrides, str(folder), False, False)
+            run(config_path, run_overrides, str(folder), False, False, check)
     else:
         submit(config, config_path, planned)
 
@@ -82,7 +83,7 @@ def _for_name(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", value if isinstance(value, str) else json.dumps(value)).strip("_")
 
 
-def plan_sweep(config_path, overrides, out, sweeps, launcher) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
+def plan_sweep(config_path, overrides, out, sweeps, launcher, check: bool = True) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
     """Every combination validated before any folder is made; each gets a new folder under --out
     (default: the config's results_dir) named after the trial and its values."""
     if config_path is None:
@@ -91,13 +92,16 @@ def plan_sweep(config_path, overrides, out, sweeps, launcher) -> tuple[Experimen
     configs = [load_config(config_path, [*overrides, *sets]) for _, sets in combos]
     if launcher == "slurm":
         require_sbatch()
+        if check:  # a local sweep checks each run as it starts
+            for config in configs:
+                check_model(config)
     parent = Path(out) if out else Path(configs[0].output.results_dir)
     planned = [(results.new_run_dir(parent, f"{config.trial_name}_{suffix}"), [*overrides, *sets])
                for config, (suffix, sets) in zip(configs, combos)]
     return configs[0], planned
 
 
-def plan_single(config_path, overrides, out, resume, overwrite):
+def plan_single(config_path, overrides, out, resume, overwrite, check: bool = True):
     """One run for slurm: its folder now (emptied with --overwrite here, never in the job)."""
     if resume and out is None:
         raise UserError("--resume needs --out RUN_DIR (the run folder to continue)")
@@ -108,6 +112,8 @@ def plan_single(config_path, overrides, out, resume, overwrite):
 
     config = load_run_config(config_path, overrides, out, resume)
     require_sbatch()  # before --overwrite empties the folder
+    if check:
+        check_model(config)
     if out is not None:
         folder = results.prepare_out_dir(out, resume, overwrite)
     else:

@@ -243,4 +243,33 @@ def split_metrics(rows: Iterable, seed: int = 0, n_resamples: int = 10_000) -> d
         session: _summary(session_rows, seed, n_resamples)
         for session, session_rows in sorted(by_session.items())
     }
+    if any(as_number(_field(row, "true_rank")) is not None for row in rows):
+        out.update(retrieval_metrics(rows, seed, n_resamples))
     return out
+
+
+RETRIEVAL_K = (1, 10)
+
+
+def retrieval_metrics(rows: Iterable, seed: int = 0, n_resamples: int = 10_000) -> dict:
+    """Retrieval accuracy from a model's per-trial `true_rank` (1 = its sentence ranked first;
+    empty where the trial's sentence was not a candidate): top-1 and top-10 with bootstrap CIs over
+    trials, the median rank, the same per session under `retrieval_by_session`."""
+    ranked = [row for row in rows if as_number(_field(row, "true_rank")) is not None]
+
+    def summary(subset) -> dict:
+        ranks = np.array([as_number(_field(row, "true_rank")) for row in subset], dtype=float)
+        out = {}
+        for k in RETRIEVAL_K:
+            hits = (ranks <= k).astype(float)
+            out[f"retrieval_top{k}"] = float(hits.mean()) if len(hits) else None
+            ci = bootstrap_ci(hits, np.ones_like(hits), n_resamples=n_resamples, seed=seed) if len(hits) else None
+            out[f"retrieval_top{k}_ci"] = list(ci) if ci else None
+        out["median_true_rank"] = float(np.median(ranks)) if len(ranks) else None
+        return out
+
+    by_session: dict[str, list] = {}
+    for row in ranked:
+        by_session.setdefault(str(_field(row, "session")), []).append(row)
+    return {**summary(ranked),
+            "retrieval_by_session": {session: summary(rs) for session, rs in sorted(by_session.items())}}

@@ -18,13 +18,16 @@ A registered model constructor returns a `DecoderModel`. The loop only ever call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from harness.batching import Batch
-from harness.data import Trial
+from harness.data import Trial, find_sessions, read_trials
+
+log = logging.getLogger(__name__)
 
 
 class DecoderModel(nn.Module):
@@ -48,13 +51,32 @@ class DecoderModel(nn.Module):
 
 @dataclass
 class BuildContext:
-    """What a model constructor may use besides its params."""
+    """What a model constructor may use besides its params: what the harness derives from the data,
+    the same in `run` and `evaluate`. (`model_params.n_days` and `n_features`, where a model's params
+    have them, are filled from `sessions` and `n_features` before the constructor runs.)"""
 
     config: object  # the ExperimentConfig (config setters have already run)
     sessions: list[str]  # the run's session list; position = day index
-    trials: dict[str, list[Trial]]  # trials by split (labels, no features)
+    trials: dict[str, list[Trial]]  # trials by split (labels, no features); empty in `evaluate`
     device: torch.device
     cache_dir: str  # where the model may keep artefacts (e.g. target caches), shared across runs
+    n_features: int = 0  # the input width the model sees: data_params.n_features after the preprocessors
+    _train: list[Trial] | None = field(default=None, repr=False)
+
+    def training_trials(self) -> list[Trial]:
+        """The training trials (labels only, no features): the run's train split, or in `evaluate`
+        (built without data) the train split of the data being decoded, read once."""
+        if "train" in self.trials:
+            return self.trials["train"]
+        if self._train is None:
+            dp = self.config.data_params
+            self._train = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
+            log.info("training transcriptions: the %d training trials in %s", len(self._train), dp.data_dir)
+        return self._train
+
+    def training_sentences(self) -> list[str]:
+        """The training transcriptions (e.g. a word decoder's vocabulary and LM text)."""
+        return [t.sentence for t in self.training_trials() if t.sentence]
 
 
 @dataclass

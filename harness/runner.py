@@ -11,7 +11,10 @@ run.log and writes the results (harness/distributed.py).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
+import logging.handlers
 import os
 import random
 import shutil
@@ -23,13 +26,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import ExperimentConfig, dump_config, load_config
 from harness import distributed, results
+from harness.devices import pick_device
 from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, read_trials
 from harness.errors import UserError
 from harness.evaluation import evaluate_split
 from harness.model_api import BuildContext, DataSummary, DecoderModel
-from harness.plugins import REPO_ROOT, load_plugins
+from harness.plugins import REPO_ROOT, load_plugins, plugin_names, plugin_records
+from harness.preflight import preflight
 from harness.train import load_checkpoint, train
-from registry import CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS
+from registry import CHECKPOINT_FORMATS, CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS
 
 log = logging.getLogger("b2t")
 CACHE_DIR = REPO_ROOT / ".cache"  # default home of model artefacts (target caches, LMs); B2T_CACHE_DIR overrides
@@ -37,19 +42,6 @@ CACHE_DIR = REPO_ROOT / ".cache"  # default home of model artefacts (target cach
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks shared by `run` and `evaluate`
-
-
-def pick_device(name: str, key: str = "training_params.device") -> torch.device:
-    """auto | cpu | cuda | cuda:N -> a device that exists; `key` names the config key in errors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{key}: {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{key} is {name!r} but no CUDA device is available (use auto or cpu)")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -77,7 +69,8 @@ def shared_run_dir(make) -> Path:
 
 
 def build_preprocessors(config: ExperimentConfig) -> list:
-    return [DATA_PREPROCESSORS.get(spec.name)(spec.params) for spec in config.data_params.preprocessors]
+    return [DATA_PREPROCESSORS.build(spec, path=f"data_params.preprocessors[{i}]")
+            for i, spec in enumerate(config.data_params.preprocessors)]
 
 
 def output_width(preprocessors, n_features: int) -> int:
@@ -116,38 +109,46 @@ def log_skipped(skipped: dict, min_steps: int) -> None:
 
 def prepare_data(config: ExperimentConfig, splits) -> tuple[dict, list]:
     """Sessions (all found unless listed), the splits' trials (labels, no features), the
-    preprocessors, and the config setter run on them: everything a model is built from."""
+    preprocessors, the fields every model derives from the data, and the config setter run on
+    them: everything a model is built from."""
     dp = config.data_params
     dp.sessions = dp.sessions or find_sessions(dp.data_dir)
     trials = read_splits(config, splits)
     preprocessors = build_preprocessors(config)
+    fill_data_fields(config, len(dp.sessions), output_width(preprocessors, dp.n_features))
     if config.config_setter_name:
         summary = DataSummary(sessions=list(dp.sessions), trials=trials, n_features=output_width(preprocessors, dp.n_features))
         CONFIG_SETTERS.get(config.config_setter_name)(config, summary)
     return trials, preprocessors
 
 
-def build_model(config: ExperimentConfig, sessions, trials, device) -> DecoderModel:
+DATA_FIELDS = ("n_days", "n_features")  # model_params fields the harness fills from the data
+
+
+def fill_data_fields(config: ExperimentConfig, n_days: int, n_features: int) -> None:
+    """Set `model_params.n_days` (sessions, one day layer each) and `model_params.n_features` (the
+    width after the preprocessors) wherever the model's params have them: no config sets them, and
+    config.yaml records what the model was built with."""
+    params = config.model_params
+    names = {f.name for f in dataclasses.fields(params)} if dataclasses.is_dataclass(params) else set()
+    for name, value in zip(DATA_FIELDS, (n_days, n_features)):
+        if name in names:
+            setattr(params, name, value)
+
+
+def build_model(config: ExperimentConfig, sessions, trials, device, n_features: int | None = None) -> DecoderModel:
+    """The model the config names; n_features: the width it sees (default: after the config's preprocessors)."""
+    if n_features is None:
+        n_features = output_width(build_preprocessors(config), config.data_params.n_features)
     constructor = MODEL_CONSTRUCTORS.get(config.model_constructor_name)
     cache_dir = os.environ.get("B2T_CACHE_DIR", str(CACHE_DIR))
-    ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=cache_dir)
+    ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=cache_dir,
+                       n_features=n_features)
     model = constructor(config.model_params, ctx)
     if not isinstance(model, DecoderModel):
         raise TypeError(f"model constructor '{config.model_constructor_name}' returned {type(model).__name__}, "
                         "not a harness.model_api.DecoderModel")
     return model.to(device)
-
-
-class _HeldRecords(logging.Handler):
-    """Keeps what is logged while a run is set up, before its folder exists (e.g. a model
-    constructor filling a target cache or building an LM), so that run.log starts with it."""
-
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 @contextlib.contextmanager
@@ -172,29 +173,54 @@ def console_logging(*extra: logging.Handler):
 
 @contextlib.contextmanager
 def setup_logging():
-    """Console logging while a run is set up; yields the held records for run_logging."""
-    held = _HeldRecords()
+    """Console logging while a run is set up; what is logged before the run folder exists (a model
+    constructor filling a target cache or building an LM) is held for run.log (run_logging)."""
+    held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
     with console_logging(held):
-        yield held.records
+        yield held
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @contextlib.contextmanager
-def run_logging(run_dir: Path, earlier: list[logging.LogRecord] = ()):
-    """Log to the console and to run_dir/run.log, which starts with the `earlier` records
-    (rank 0: the others only log their warnings to the console)."""
+def run_logging(run_dir: Path, held: logging.handlers.MemoryHandler | None = None):
+    """Log to the console and to run_dir/run.log, which starts with what `held` kept (rank 0: the
+    others only log their warnings to the console). An error that ends the run lands in run.log
+    too, with its traceback: on slurm, run.log is what a user reads."""
     if not distributed.is_main():
         with console_logging():
             yield
         return
     handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for record in earlier:
-        handler.handle(record)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if held is not None:
+        held.setTarget(handler)
+        held.flush()
+        held.close()
     try:
         with console_logging(handler):
-            yield
+            try:
+                yield
+            except BaseException as error:
+                _log_error_to_file(handler, error)
+                raise
     finally:
         handler.close()
+
+
+def _log_error_to_file(handler: logging.Handler, error: BaseException) -> None:
+    """The error that ends a run, into run.log only (the console gets main.py's one line or the
+    traceback already): a user mistake as one line, anything else with its traceback."""
+    if isinstance(error, UserError):
+        record = logging.makeLogRecord({"name": "b2t", "levelno": logging.ERROR, "levelname": "ERROR",
+                                        "msg": "%s", "args": (str(error),)})
+    else:
+        record = logging.makeLogRecord({"name": "b2t", "levelno": logging.ERROR, "levelname": "ERROR",
+                                        "msg": "the run stopped: %s: %s (resume it with --resume --out RUN_DIR)",
+                                        "args": (type(error).__name__, error),
+                                        "exc_info": (type(error), error, error.__traceback__)})
+    handler.handle(record)
 
 
 def decode_splits(model, config, trials, stores, preprocessors, device) -> tuple[list, dict]:
@@ -238,7 +264,10 @@ def load_run_config(config_path: str | None, overrides: list[str], out: str | No
     raise UserError("run needs --config FILE")
 
 
-def run(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool) -> Path:
+def run(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
+        check: bool = True) -> Path:
+    """One run: setup (config, data, model, pre-flight check; all before the run folder exists),
+    then training, then the decode-and-write tail shared with `evaluate`."""
     load_plugins()
     if resume and out is None:
         raise UserError("--resume needs --out RUN_DIR (the run folder to continue)")
@@ -252,6 +281,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     dp = config.data_params
     needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
     trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in needed])
+    width = output_width(preprocessors, dp.n_features)
 
     # Everything that can fail on bad input happens before the run folder exists.
     device = distributed.local_device(pick_device(config.training_params.device))
@@ -262,20 +292,20 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                         f"(omit --config and --set) or start a new run")
     with distributed.process_group(device):
         seed_everything(config.training_params.seed)
-        with setup_logging() as setup_records, distributed.main_first():  # rank 0 fills shared caches first
-            model = build_model(config, list(dp.sessions), trials, device)
-        seed_other_ranks(config.training_params.seed)
-        trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
-        stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
-        meta = None  # rank 0 alone writes meta.json (base_meta runs git and reads package metadata)
-        if distributed.is_main():
-            meta = results.base_meta(str(device))
-            meta["world_size"] = distributed.world_size()
-            meta["data_fingerprint"] = fingerprint(trials, stores)
+        with setup_logging() as held:
+            with distributed.main_first():  # rank 0 fills shared caches first
+                model = build_model(config, list(dp.sessions), trials, device, width)
+            seed_other_ranks(config.training_params.seed)
+            trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
+            stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
+            if check:
+                log.info("pre-flight check of the model: %.1f s",
+                         preflight(model, config, trials, stores, preprocessors, device, width))
+        meta = start_meta(device, data_fingerprint=lambda: fingerprint(trials, stores))
 
         run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, resume, overwrite) if out
                                  else results.new_run_dir(config.output.results_dir, config.trial_name))
-        with run_logging(run_dir, setup_records):
+        with run_logging(run_dir, held):
             log.info("run folder: %s", run_dir)
             if distributed.describe():
                 log.info("torch.distributed: %s; each update sees %d x %d x %d trials (ranks x grad_accum_steps "
@@ -294,21 +324,61 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
             if config.evaluation.use_best_checkpoint and best.is_file():
                 model.load_state_dict(load_checkpoint(best)["model"])
                 log.info("decoding with the best checkpoint (step %s)", state.best_step if state else "?")
-            rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
-            if distributed.is_main():
-                metrics["run"] = {
-                    "trial_name": config.trial_name,
-                    "model": config.model_constructor_name,
-                    "steps": state.step if state else 0,
-                    "best_step": state.best_step if state else None,
-                    "validation_history": state.history if state else [],
-                }
+            if meta is not None:
                 meta["n_steps"] = state.step if state else 0
-                write_run_outputs(run_dir, rows, metrics, meta)
-                if not config.output.keep_checkpoints:
-                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-                log.info("finished: %s", run_dir)
+            run_info = {
+                "trial_name": config.trial_name,
+                "model": config.model_constructor_name,
+                "steps": state.step if state else 0,
+                "best_step": state.best_step if state else None,
+                "validation_history": state.history if state else [],
+            }
+            decode_and_write(run_dir, model, config, trials, stores, preprocessors, device, meta, run_info)
+            if distributed.is_main() and not config.output.keep_checkpoints:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            log.info("finished: %s", run_dir)
     return run_dir
+
+
+def check_model(config: ExperimentConfig) -> None:
+    """The pre-flight check alone, on this machine's CPU, e.g. before a slurm job is submitted: the
+    data read, the model built and one small batch through it."""
+    config = copy.deepcopy(config)
+    check_training_params(config)
+    dp = config.data_params
+    trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in {"train", "val", *config.evaluation.splits}])
+    width = output_width(preprocessors, dp.n_features)
+    config.training_params.amp_bf16 = False  # CPU
+    seed_everything(config.training_params.seed)
+    model = build_model(config, list(dp.sessions), trials, torch.device("cpu"), width)
+    trials, _ = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
+    stores = {s: FeatureStore(ts, preload=False) for s, ts in trials.items()}
+    seconds = preflight(model, config, trials, stores, preprocessors, torch.device("cpu"), width)
+    print(f"pre-flight check of {config.model_constructor_name} on this machine's CPU: passed in {seconds:.1f} s")
+
+
+def start_meta(device, data_fingerprint) -> dict | None:
+    """meta.json's start (rank 0 alone writes it: base_meta runs git and reads package metadata)."""
+    if not distributed.is_main():
+        return None
+    meta = results.base_meta(str(device))
+    meta["world_size"] = distributed.world_size()
+    meta["plugins"] = plugin_records()
+    meta["data_fingerprint"] = data_fingerprint()
+    return meta
+
+
+def decode_and_write(run_dir: Path, model, config, trials, stores, preprocessors, device, meta, run_info: dict,
+                     kaggle_csv: str | None = None) -> None:
+    """The tail of `run` and `evaluate`: decode the evaluation splits, then (rank 0) per_trial.csv,
+    metrics.json, meta.json, the Kaggle CSV if asked, and DONE last."""
+    rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
+    if not distributed.is_main():
+        return
+    metrics["run"] = run_info
+    if kaggle_csv:
+        write_kaggle_csv(Path(kaggle_csv), rows)
+    write_run_outputs(run_dir, rows, metrics, meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,18 +387,18 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
 
 def load_any_checkpoint(path: Path) -> tuple[dict, Path]:
     """(payload with "config" and "model", the file read) from a run folder (its best, else last
-    checkpoint), a checkpoint file, or a reference baseline folder (checkpoint/args.yaml +
-    checkpoint/best_checkpoint, converted by ctc_baseline.reference: that format is the baseline's)."""
-    if (path / "checkpoint" / "args.yaml").is_file():
-        from ctc_baseline.reference import load_reference_checkpoint
-
-        config, state, _ = load_reference_checkpoint(path)
-        return {"config": config, "model": state}, path / "checkpoint" / "best_checkpoint"
+    checkpoint), a checkpoint file, or a folder of a registered checkpoint format (e.g. the
+    reference baseline's, registered by ctc_baseline)."""
+    for name in CHECKPOINT_FORMATS.names():
+        found = CHECKPOINT_FORMATS.get(name)(path)
+        if found is not None:
+            return {"config": found["config"], "model": found["model"]}, found["file"]
     candidates = [path] if path.is_file() else [path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
+        formats = ", ".join(CHECKPOINT_FORMATS.names()) or "none"
         raise UserError(f"no checkpoint found at {path}: give a run folder (with checkpoints/best.pt), a .pt file, "
-                        "or a reference baseline folder (with checkpoint/args.yaml)")
+                        f"or a folder of a registered checkpoint format ({formats})")
     try:
         payload = load_checkpoint(found)
     except Exception as error:  # pickle/zip errors of many kinds: all mean "not our checkpoint"
@@ -339,11 +409,12 @@ def load_any_checkpoint(path: Path) -> tuple[dict, Path]:
 
 
 def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle_csv: str | None,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, check: bool = True) -> Path:
     load_plugins()
     if out is not None:
         results.check_out_dir(out, False, overwrite)
     payload, path = load_any_checkpoint(Path(checkpoint))
+    require_plugin(payload)
     config = load_config(data=payload["config"])
     known = list(config.data_params.sessions)
     config.data_params.data_dir = data_dir
@@ -355,37 +426,48 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
     config.data_params.sessions = present
     config.evaluation.splits = [split]
     day_index = {s: known.index(s) for s in present}
+    preprocessors = build_preprocessors(config)
+    width = output_width(preprocessors, config.data_params.n_features)
+    fill_data_fields(config, len(known), width)
     device = distributed.local_device(pick_device(config.training_params.device))
     with distributed.process_group(device):
+        with setup_logging() as held:
+            with distributed.main_first():  # rank 0 fills shared caches first
+                model = build_model(config, known, {}, device, width)  # day layers: the checkpoint's sessions
+            model.load_state_dict(payload["model"])
+            trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
+                                                config.data_params.short_trials)
+            stores = {split: FeatureStore(trials[split], config.data_params.preload)}
+            if check:
+                log.info("pre-flight check of the model: %.1f s",
+                         preflight(model, config, trials, stores, preprocessors, device, width))
+        meta = start_meta(device, data_fingerprint=lambda: fingerprint(trials, stores))
+        if meta is not None:
+            meta["checkpoint"] = str(path)
         run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
             config.output.results_dir, f"{config.trial_name}-eval-{split}"))
-        with run_logging(run_dir):
+        with run_logging(run_dir, held):
             if distributed.describe():
                 log.info("torch.distributed: %s; each decodes its share of the batches", distributed.describe())
             if distributed.is_main():
                 results.atomic_write_text(run_dir / "config.yaml", dump_config(config))
-            with distributed.main_first():  # rank 0 fills shared caches first
-                model = build_model(config, known, {}, device)  # day layers follow the checkpoint's session list
-            model.load_state_dict(payload["model"])
-            trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
-                                                config.data_params.short_trials)
             log_skipped(skipped, model.min_time_steps)
-            stores = {split: FeatureStore(trials[split], config.data_params.preload)}
-            meta = None  # rank 0 alone writes meta.json
-            if distributed.is_main():
-                meta = results.base_meta(str(device))
-                meta["world_size"] = distributed.world_size()
-                meta["checkpoint"] = str(path)
-                meta["data_fingerprint"] = fingerprint(trials, stores)
-            preprocessors = build_preprocessors(config)
-            rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
-            if distributed.is_main():
-                metrics["run"] = {"trial_name": config.trial_name, "model": config.model_constructor_name,
-                                  "checkpoint": str(path)}
-                if kaggle_csv:
-                    write_kaggle_csv(Path(kaggle_csv), rows)
-                write_run_outputs(run_dir, rows, metrics, meta)
+            run_info = {"trial_name": config.trial_name, "model": config.model_constructor_name, "checkpoint": str(path)}
+            decode_and_write(run_dir, model, config, trials, stores, preprocessors, device, meta, run_info, kaggle_csv)
     return run_dir
+
+
+def require_plugin(payload: dict) -> None:
+    """A checkpoint of a model no loaded plugin registers: say which plugin module made it."""
+    name = (payload.get("config") or {}).get("model_constructor_name")
+    if name is None or name in MODEL_CONSTRUCTORS:
+        return
+    made_by = [p for p in payload.get("plugins") or [] if p.get("module") not in plugin_names()]
+    if made_by:
+        where = "; ".join(f"{p['module']} ({p.get('file')}"
+                          + (f", git {p['git_commit'][:12]}" if p.get("git_commit") else "") + ")" for p in made_by)
+        raise UserError(f"the checkpoint's model '{name}' is registered by no loaded plugin; it was trained with "
+                        f"{where}: set B2T_PLUGINS={','.join(p['module'] for p in made_by)} (importable from PYTHONPATH)")
 
 
 def write_kaggle_csv(path: Path, rows: list[dict]) -> None:

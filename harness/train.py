@@ -35,11 +35,10 @@ from harness import distributed
 from harness.batching import TrainBatchSampler, TrialDataset, collate
 from harness.errors import UserError
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
+from harness.plugins import plugin_records
 from harness.results import atomic_write_bytes, partial_writes
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "b2t-bench-checkpoint-v1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,54 +226,20 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
     """Train `model` in place; leaves checkpoints/{last,best}.pt in run_dir and returns the state."""
     tp, dp = config.training_params, config.data_params
     accum = tp.grad_accum_steps  # at least 1: runner.check_training_params
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.pt"
     optimizer, scheduler = build_optimizer(model, tp)
-    state = TrainState()
-    last = ckpt_dir / "last.pt"
-    if resume and distributed.is_main():
-        remove_partial_checkpoints(ckpt_dir)
-    if resume and last.is_file():
-        saved = load_checkpoint(last)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["train_state"])
-        restore_rng(saved)
-        log.info("resumed from %s at step %d", last, state.step)
-    elif resume:
-        log.info("--resume: no checkpoint in %s yet, starting from step 0", ckpt_dir)
-
-    config_data = to_data(config)
-
-    def save(path: Path) -> None:
-        """Every rank calls this (rank 0's checkpoint holds every rank's RNG state); rank 0 writes."""
-        rngs = distributed.gather_object(rng_state())
-        if distributed.is_main():
-            save_checkpoint(path, {
-                "format": CHECKPOINT_FORMAT,
-                "config": config_data,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "train_state": vars(state),
-                "rng_by_rank": rngs,
-            })
-
+    state = resume_from(last, model, optimizer, scheduler) if resume else TrainState()
+    save = checkpoint_writer(model, optimizer, scheduler, state, to_data(config))
     if tp.compile:
         model.compile()  # in place: forward is compiled, so loss()/decode() that call self(...) use it
     loss_fn, no_sync = loss_function(model, tp, device)
     writer = _tensorboard(run_dir, config, state.step)
-    sampler = TrainBatchSampler(trials["train"], dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, state.step,
-                                rank=distributed.rank(), world_size=distributed.world_size(), grad_accum_steps=accum)
-    loader = DataLoader(TrialDataset(trials["train"], stores["train"]), batch_sampler=sampler,
-                        collate_fn=collate, num_workers=dp.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # own generator: creating the iterator must not draw
-                                                      # from the global RNG, or resume would shift it
+    loader = train_loader(trials["train"], stores["train"], dp, tp, state.step, device)
     has_val = bool(trials.get("val"))
     bar = tqdm(total=tp.num_steps, initial=state.step, dynamic_ncols=True, desc="train",
                disable=None if tp.progress_bar and distributed.is_main() else True)  # None: only on a terminal
     model.train()
-    started, first_step, losses = time.monotonic(), state.step, {}
+    speed, losses = StepRate(state.step), {}
     for micro_step, batch in enumerate(loader):
         if micro_step % accum == 0:
             optimizer.zero_grad(set_to_none=True)
@@ -295,17 +260,8 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
         bar.update(1)
 
         if state.step % tp.log_every == 0 or state.step == tp.num_steps:
-            means = {k: float(np.mean(v)) for k, v in losses.items()}
+            log_step(losses, grad_norm, optimizer, state, speed, writer, bar, tp)
             losses = {}
-            for key, value in means.items():
-                writer.add_scalar(f"train/{key}", value, state.step)
-            writer.add_scalar("train/grad_norm", grad_norm, state.step)
-            for group in optimizer.param_groups:
-                writer.add_scalar(f"lr/{group['name']}", group["lr"], state.step)
-            bar.set_postfix(loss=f"{means['loss']:.3f}", **_best_postfix(state, tp))
-            log.info("step %d loss %.4f grad_norm %.3f %.1f steps/s", state.step, means["loss"], grad_norm,
-                     (state.step - first_step) / max(1e-9, time.monotonic() - started))
-
         stop = False
         if has_val and ((tp.val_every and state.step % tp.val_every == 0) or state.step == tp.num_steps):
             improved, stop = _validate(model, config, trials, stores, preprocessors, device, state, writer)
@@ -322,6 +278,78 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
     writer.close()
     distributed.barrier()  # rank 0's last checkpoints are on disk before any rank reads them
     return state
+
+
+def resume_from(last: Path, model, optimizer, scheduler) -> TrainState:
+    """`--resume`: drop what a killed checkpoint write left, then load the last checkpoint (weights,
+    optimizer, schedule, step, every rank's RNG); a fresh state when there is none yet."""
+    if distributed.is_main():
+        remove_partial_checkpoints(last.parent)
+    if not last.is_file():
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", last.parent)
+        return TrainState()
+    saved = load_checkpoint(last)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state = TrainState(**saved["train_state"])
+    restore_rng(saved)
+    log.info("resumed from %s at step %d", last, state.step)
+    return state
+
+
+def checkpoint_writer(model, optimizer, scheduler, state: TrainState, config_data: dict):
+    """save(path): every rank calls it (rank 0's checkpoint holds every rank's RNG state); rank 0 writes."""
+
+    plugins = plugin_records()
+
+    def save(path: Path) -> None:
+        rngs = distributed.gather_object(rng_state())
+        if distributed.is_main():
+            save_checkpoint(path, {
+                "config": config_data,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "train_state": vars(state),
+                "rng_by_rank": rngs,
+                "plugins": plugins,  # so that `evaluate` can say which plugin made this model
+            })
+
+    return save
+
+
+def train_loader(trials, store, dp, tp, start_step: int, device: torch.device) -> DataLoader:
+    """This rank's training batches from `start_step` on (harness/batching.py)."""
+    sampler = TrainBatchSampler(trials, dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, start_step,
+                                rank=distributed.rank(), world_size=distributed.world_size(),
+                                grad_accum_steps=tp.grad_accum_steps)
+    return DataLoader(TrialDataset(trials, store), batch_sampler=sampler, collate_fn=collate,
+                      num_workers=dp.num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator())  # own generator: creating the iterator must not draw
+                                                    # from the global RNG, or resume would shift it
+
+
+class StepRate:
+    """Optimizer steps per second since this process started training."""
+
+    def __init__(self, first_step: int):
+        self.first_step, self.started = first_step, time.monotonic()
+
+    def __call__(self, step: int) -> float:
+        return (step - self.first_step) / max(1e-9, time.monotonic() - self.started)
+
+
+def log_step(losses: dict, grad_norm: float, optimizer, state: TrainState, speed: StepRate, writer, bar, tp) -> None:
+    """The mean of each loss part since the last log line, to TensorBoard, the bar and run.log."""
+    means = {k: float(np.mean(v)) for k, v in losses.items()}
+    for key, value in means.items():
+        writer.add_scalar(f"train/{key}", value, state.step)
+    writer.add_scalar("train/grad_norm", grad_norm, state.step)
+    for group in optimizer.param_groups:
+        writer.add_scalar(f"lr/{group['name']}", group["lr"], state.step)
+    bar.set_postfix(loss=f"{means['loss']:.3f}", **_best_postfix(state, tp))
+    log.info("step %d loss %.4f grad_norm %.3f %.1f steps/s", state.step, means["loss"], grad_norm, speed(state.step))
 
 
 def _clip(model, max_norm) -> float:

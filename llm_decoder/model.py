@@ -15,17 +15,15 @@ reference's scoring does (`predicted_text`), the raw generation kept in `generat
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from audio_alignment.losses import ctc_head_loss, interpolated_cosine_loss, sentence_info_nce
-from audio_alignment.model import LossWeights, TargetStore, fill_targets, make_projector, standardized_targets
-from audio_alignment.targets import TargetParams, resolve_target_params
-from ctc_baseline.model import greedy_phonemes, training_trials
+from alignment.losses import LossWeights, alignment_losses, weighted_total
+from alignment.store import TargetStore, fill_targets, make_projector, standardized_targets
+from alignment.targets import TargetParams
 from gru_decoder import GRUEncoder, GRUEncoderParams
 from harness.errors import UserError
 from harness.metrics import normalize_text
@@ -33,9 +31,8 @@ from harness.model_api import DecoderModel
 from harness.phonemes import N_CLASSES, ids_to_text
 from llm_decoder.language_model import LMParams, LoadedLM, keep_frozen_mode, load_language_model
 from llm_decoder.sequences import generation_inputs, sentence_loss, shorten, training_inputs
-from registry import register_config_setter, register_model_constructor
-
-log = logging.getLogger(__name__)
+from registry import register_model_constructor
+from word_decoding import greedy_phonemes
 
 FROZEN_PREFIXES = ("lm.", "audio_projector.")  # modules whose weights are loaded, not trained or saved
 
@@ -66,6 +63,7 @@ class LLMDecoderParams(GRUEncoderParams):
     standardize_targets: bool = True
     align_frames: int = 32
     infonce_temperature: float = 0.1
+    infonce_similarity: Literal["pooled", "sequence"] = "pooled"  # what InfoNCE compares (alignment.losses)
     generation: GenerationParams = field(default_factory=GenerationParams)
 
 
@@ -155,24 +153,20 @@ class LLMDecoder(GRUEncoder, DecoderModel):
         if self.p.alignment_weight > 0:
             aligned = self.alignment_losses(emb.float(), hidden, lengths, batch)
             parts.update(aligned)
-            total = total + self.p.alignment_weight * sum(getattr(self.p.alignment, name) * value
-                                                          for name, value in aligned.items())
+            total = total + self.p.alignment_weight * weighted_total(self.p.alignment, aligned)
         return {"loss": total, **parts}
 
     def alignment_losses(self, emb, hidden, lengths, batch) -> dict:
-        """gru_align's losses on the same embeddings the LM reads (audio_alignment.losses)."""
-        w, parts = self.p.alignment, {}
+        """gru_align's losses on the same embeddings the LM reads (alignment.losses)."""
+        target, target_lengths = None, None
         if self.targets is not None:
             target, target_lengths = standardized_targets(self.targets, batch.sentences, emb.device,
                                                           self.target_mean, self.target_std)
-            if w.cosine:
-                parts["cosine"] = interpolated_cosine_loss(emb, lengths, target, target_lengths, self.p.align_frames)
-            if w.infonce:
-                parts["infonce"] = sentence_info_nce(emb, lengths, target, target_lengths, batch.sentences,
-                                                     self.p.infonce_temperature)
-        if self.ctc_head is not None:
-            parts["ctc"] = ctc_head_loss(self.ctc_head(hidden), lengths, batch.phoneme_ids, batch.phoneme_lengths)
-        return parts
+        return alignment_losses(
+            self.p.alignment, emb, lengths, target, target_lengths, batch.sentences,
+            temperature=self.p.infonce_temperature, similarity=self.p.infonce_similarity,
+            align_frames=self.p.align_frames, ctc_logits=self.ctc_head(hidden) if self.ctc_head is not None else None,
+            phoneme_ids=batch.phoneme_ids, phoneme_lengths=batch.phoneme_lengths)
 
     @torch.no_grad()
     def decode(self, batch):
@@ -266,16 +260,13 @@ def resolve_embedding_dim(p: LLMDecoderParams, loaded: LoadedLM, targets: Target
 
 
 def training_transcriptions(ctx) -> list[tuple[str, str]]:
-    """(sentence, phonemes) of every labelled training trial (ctc_baseline's training_trials)."""
-    return [(t.sentence, ids_to_text(t.phoneme_ids)) for t in training_trials(ctx)
+    """(sentence, phonemes) of every labelled training trial."""
+    return [(t.sentence, ids_to_text(t.phoneme_ids)) for t in ctx.training_trials()
             if t.sentence and t.phoneme_ids is not None]
 
 
 @register_model_constructor()
 def llm_decoder(params: LLMDecoderParams, ctx):
-    if params.n_days < len(ctx.sessions):
-        raise UserError(f"model_params.n_days is {params.n_days} but the run has {len(ctx.sessions)} sessions "
-                        "(use config_setter_name: llm_decoder_setter to fill it)")
     if params.lm_weight <= 0 and params.alignment_weight <= 0:
         raise UserError("model_params: lm_weight or alignment_weight must be > 0 (nothing trains otherwise)")
     if params.frame_factor < 1 or params.generation.num_beams < 1 or params.generation.max_new_tokens < 1:
@@ -287,10 +278,3 @@ def llm_decoder(params: LLMDecoderParams, ctx):
         targets = TargetStore(params.targets, ctx.cache_dir)
         stats = fill_targets(targets, ctx.trials, params.standardize_targets)
     return LLMDecoder(params, loaded, targets, stats)
-
-
-@register_config_setter()
-def llm_decoder_setter(config, data):
-    config.model_params.n_days = len(data.sessions)
-    config.model_params.n_features = data.n_features
-    config.model_params.targets = resolve_target_params(config.model_params.targets)

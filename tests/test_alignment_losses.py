@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio_alignment.losses import (info_nce, interpolated_cosine_loss, masked_mean, pooled_similarity, resample,
+from alignment.losses import (info_nce, interpolated_cosine_loss, masked_mean, pooled_similarity, resample,
                                    sentence_info_nce, sequence_cosine, sequence_similarity)
-from audio_alignment.retrieval import build_candidates, retrieval_metrics, similarity, true_ranks
+from alignment.retrieval import build_candidates, retrieval_metrics, similarity, true_ranks
 
 
 def padded(seqs, fill=0.0):

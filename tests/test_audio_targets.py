@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from audio_alignment.encoders import LogMelParams, Qwen2AudioParams, _one_torch_thread, log_mel, qwen2_audio
-from audio_alignment.targets import (SAMPLE_RATE, ComponentSpec, TargetParams, build_target_maker,
+from alignment.encoders import LogMelParams, Qwen2AudioParams, _one_torch_thread, log_mel, qwen2_audio
+from alignment.targets import (SAMPLE_RATE, ComponentSpec, TargetParams, build_target_maker,
                                      resolve_target_params)
-from audio_alignment.tts import EspeakParams, MmsTtsParams, espeak_ng, mms_tts
+from alignment.tts import EspeakParams, MmsTtsParams, espeak_ng, mms_tts
 from harness.errors import UserError
 
 SHORT = "Hello."

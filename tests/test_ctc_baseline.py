@@ -12,12 +12,14 @@ import torch.nn.functional as F
 import yaml
 
 from config import load_config
-from ctc_baseline import (AugmentParams, CTCBaseline, CTCBaselineParams, FeatureSubsetParams, GaussianSmoothingParams,
-                          augment, ctc_baseline, ctc_baseline_setter, feature_subset, gaussian_kernel,
-                          gaussian_smoothing, greedy_phonemes, load_reference_checkpoint)
+from ctc_baseline import CTCBaseline, CTCBaselineParams, ctc_baseline, load_reference_checkpoint
+from harness.preprocessors import (AugmentParams, FeatureSubsetParams, GaussianSmoothingParams, augment,
+                                   feature_subset, gaussian_kernel, gaussian_smoothing)
+from word_decoding import greedy_phonemes
 from harness.batching import Batch
 from harness.errors import UserError
-from harness.model_api import BuildContext, DataSummary
+from harness.model_api import BuildContext
+from harness.runner import fill_data_fields
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "b2txt25_tiny"
 SMALL = dict(n_days=3, n_features=8, n_units=12, n_layers=2, patch_size=5, patch_stride=2)
@@ -164,17 +166,22 @@ def test_param_groups_follow_the_reference_optimizer():
                                "gru.weight_hh_l1", "out.weight"}
 
 
-def test_constructor_and_setter():
+def test_the_harness_fills_the_data_fields_and_the_constructor_builds():
     config = load_config(data={"trial_name": "t", "model_constructor_name": "ctc_baseline",
-                               "config_setter_name": "ctc_baseline_setter", "model_params": {"n_units": 8}})
-    ctc_baseline_setter(config, DataSummary(sessions=["a", "b"], trials={}, n_features=6))
+                               "model_params": {"n_units": 8}})
+    fill_data_fields(config, n_days=2, n_features=6)
     assert (config.model_params.n_days, config.model_params.n_features) == (2, 6)
-    ctx = BuildContext(config=config, sessions=["a", "b"], trials={}, device=torch.device("cpu"), cache_dir="")
+    ctx = BuildContext(config=config, sessions=["a", "b"], trials={}, device=torch.device("cpu"), cache_dir="",
+                       n_features=6)
     model = ctc_baseline(config.model_params, ctx)
-    assert model.min_time_steps == 14 and len(model.day_weights) == 2
-    config.model_params.n_days = 0
-    with pytest.raises(UserError, match="ctc_baseline_setter"):
-        ctc_baseline(config.model_params, ctx)
+    assert model.min_time_steps == 14 and len(model.day_weights) == 2 and model.day_weights[0].shape == (6, 6)
+
+
+def test_a_retired_setter_name_still_loads_with_a_warning():
+    data = {"trial_name": "t", "model_constructor_name": "ctc_baseline", "config_setter_name": "ctc_baseline_setter"}
+    with pytest.warns(DeprecationWarning, match="ctc_baseline_setter is no longer needed"):
+        config = load_config(data=data)
+    assert config.config_setter_name is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +319,6 @@ def test_a_short_run_trains_and_decodes(small_dataset, tmp_path):
 
     config = {
         "trial_name": "ctc_baseline_test", "model_constructor_name": "ctc_baseline",
-        "config_setter_name": "ctc_baseline_setter",
         # these trials are 20-40 bins long: short patches leave enough frames for the phonemes
         "model_params": {"n_units": 16, "n_layers": 2, "patch_size": 4, "patch_stride": 1},
         "data_params": {"data_dir": str(small_dataset), "batch_size": 8, "days_per_batch": 2,

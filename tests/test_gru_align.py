@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from audio_alignment.model import GRUAlign, GRUAlignParams, LossWeights
+from alignment.losses import LossWeights
+from audio_alignment.model import GRUAlign, GRUAlignParams
 from config import EvaluationParams
 from harness import runner
 from harness.batching import Batch

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from audio_alignment.model import LossWeights
+from alignment.losses import LossWeights
 from harness import runner
 from harness.errors import UserError
 from harness.train import build_optimizer

@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from audio_alignment.cache import TargetCache
-from audio_alignment.targets import TargetParams, build_target_maker, resolve_target_params
+from alignment.cache import TargetCache
+from alignment.targets import TargetParams, build_target_maker, resolve_target_params
 from tests.test_audio_targets import one_torch_thread  # noqa: F401  (autouse: one torch thread here too)
 
 SENTENCES = ["I want to go home now.", "The dog finds a red ball.", "Can you bring my coat?"]

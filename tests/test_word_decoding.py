@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from ctc_baseline import ngram
-from ctc_baseline.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
-from ctc_baseline.lexicon import Lexicon, cmu_lexicon, read_lexicon
-from ctc_baseline.model import greedy_phonemes
-from ctc_baseline.word_decoding import WordDecoderSpec, build_word_decoder, typed_params
+from word_decoding import ngram
+from word_decoding.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
+from word_decoding.lexicon import Lexicon, cmu_lexicon, read_lexicon
+from word_decoding import greedy_phonemes
+from config import ComponentSpec
+from word_decoding.decoders import LexiconNgramParams, build_word_decoder
 from harness.errors import UserError
 from harness.phonemes import BLANK_ID, N_CLASSES, PHONEME_TO_ID
 from tests.conftest import REPO_ROOT
@@ -122,7 +123,7 @@ def test_user_lexicon_file(tmp_path):
 
 
 def test_a_missing_dictionary_word_is_reported_in_the_log(tmp_path, caplog):
-    spec = WordDecoderSpec("lexicon_ngram", {"lm_order": 2})
+    spec = ComponentSpec("lexicon_ngram", {"lm_order": 2})
     decoder = build_word_decoder(spec, ["The cat sat.", "A zzyzxq sat on 3 mats."], tmp_path)
     with caplog.at_level(logging.WARNING):  # reported when decoding starts: inside the run log
         decoder.decode(torch.zeros(1, 4, N_CLASSES).log_softmax(-1), [4])
@@ -174,7 +175,7 @@ def peaked_log_probs(frames, rng=None, noise=0.0):
 def hand_decoder(tmp_path, **params):
     (tmp_path / "hand.arpa").write_text(HAND_ARPA)
     (tmp_path / "hand.lex").write_text(HAND_LEXICON)
-    spec = WordDecoderSpec("lexicon_ngram", {"lexicon_file": str(tmp_path / "hand.lex"),
+    spec = ComponentSpec("lexicon_ngram", {"lexicon_file": str(tmp_path / "hand.lex"),
                                              "lm_path": str(tmp_path / "hand.arpa"), "use_train_text": False,
                                              "acoustic_scale": 1.0, "blank_penalty": 1.0, **params})
     return build_word_decoder(spec, [], tmp_path)
@@ -272,13 +273,13 @@ def test_exact_ties_are_broken_by_the_words_so_reruns_agree(tmp_path):
 
 
 def test_word_decoder_params_are_checked_strictly(tmp_path):
-    with pytest.raises(UserError, match=r"'lexicon_ngram' params: lm_ordr: unknown key; did you mean 'lm_order'"):
-        build_word_decoder(WordDecoderSpec("lexicon_ngram", {"lm_ordr": 3}), ["a b"], tmp_path)
+    with pytest.raises(UserError, match=r"model_params.word_decoder.params.lm_ordr: unknown key; did you mean 'lm_order'"):
+        build_word_decoder(ComponentSpec("lexicon_ngram", {"lm_ordr": 3}), ["a b"], tmp_path)
     with pytest.raises(UserError, match="unknown word decoder 'lexicon_ngramm'; did you mean 'lexicon_ngram'"):
-        build_word_decoder(WordDecoderSpec("lexicon_ngramm"), ["a b"], tmp_path)
+        build_word_decoder(ComponentSpec("lexicon_ngramm"), ["a b"], tmp_path)
     with pytest.raises(UserError, match="acoustic_scale must be positive"):
-        build_word_decoder(WordDecoderSpec("lexicon_ngram", {"acoustic_scale": 0}), ["the cat"], tmp_path)
-    greedy = build_word_decoder(WordDecoderSpec(), ["a b"], tmp_path)
+        build_word_decoder(ComponentSpec("lexicon_ngram", {"acoustic_scale": 0}), ["the cat"], tmp_path)
+    greedy = build_word_decoder(ComponentSpec("greedy"), ["a b"], tmp_path)
     assert greedy.decode(torch.zeros(3, 5, N_CLASSES), [5, 5, 5]) == [None] * 3
 
 
@@ -288,11 +289,11 @@ def test_every_ctc_baseline_config_has_valid_word_decoder_params():
     for path in sorted((REPO_ROOT / "configs" / "ctc_baseline").glob("*.yml")):
         spec = load_config(path).model_params.word_decoder
         assert spec.name == "lexicon_ngram", path
-        typed_params(spec)  # raises on a bad key or type
+        assert isinstance(spec.params, LexiconNgramParams), path  # typed when the config is loaded
 
 
 def test_the_lm_is_built_once_per_text_and_cached(tmp_path):
-    spec = WordDecoderSpec("lexicon_ngram", {"lm_order": 2})
+    spec = ComponentSpec("lexicon_ngram", {"lm_order": 2})
     build_word_decoder(spec, ["the cat sat", "the dog sat"], tmp_path)
     built = sorted((tmp_path / "word_decoding").glob("lm-*.arpa"))
     stamp = built[0].stat().st_mtime_ns
@@ -333,7 +334,7 @@ def tiny_llm(tmp_path_factory):
 
 
 def test_rescoring_picks_the_entry_the_llm_strongly_prefers(tiny_llm, tmp_path):
-    from ctc_baseline.rescoring import LLMRescorer, LLMRescoringParams
+    from word_decoding.rescoring import LLMRescorer, LLMRescoringParams
 
     nbest = [Hypothesis(("the", "cap"), acoustic=-1.0, ngram=-3.0, score=0), Hypothesis(("the", "cat"), -1.5, -3.0, 0)]
     scorer = LLMRescorer(LLMRescoringParams(model=str(tiny_llm), alpha=0.0, batch_size=1))
@@ -359,7 +360,7 @@ def test_decoding_with_llm_rescoring_through_the_word_decoder(tiny_llm, tmp_path
 
 
 def test_an_llm_that_cannot_be_loaded_is_a_user_error(tmp_path):
-    from ctc_baseline.rescoring import LLMRescorer, LLMRescoringParams
+    from word_decoding.rescoring import LLMRescorer, LLMRescoringParams
 
     with pytest.raises(UserError, match="cannot load the rescoring LLM"):
         LLMRescorer(LLMRescoringParams(model=str(tmp_path / "no_such_model")))

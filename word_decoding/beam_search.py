@@ -27,7 +27,7 @@ from flashlight.lib.text.decoder import CriterionType, LexiconDecoder, LexiconDe
 from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import Dictionary
 
-from ctc_baseline.lexicon import Lexicon
+from word_decoding.lexicon import Lexicon
 from harness.errors import UserError
 from harness.phonemes import BLANK_ID, N_CLASSES, PHONEME_TO_ID, SIL_ID
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from audio_alignment.targets import SAMPLE_RATE, register_audio_encoder, weights_digest
+from alignment.targets import SAMPLE_RATE, register_audio_encoder, weights_digest
 from harness.errors import UserError
 
 HOP = 160  # Whisper log-mels: one frame per 10 ms at 16 kHz

@@ -3,6 +3,8 @@
 Every distinct sentence of a split is a candidate. A trial's brain embeddings are compared with
 every candidate's target embeddings; the candidates are ranked by similarity, the best one is the
 trial's `predicted_text` and the rank of the true sentence goes in `true_rank` (1 = retrieved).
+Models only rank: top-1/top-10 accuracy with CIs is a harness metric computed from `true_rank`
+(harness.metrics.retrieval_metrics).
 
 Similarity (`score`):
 - "sequence": the mean frame-wise cosine after resampling both sides to `n_frames` (what the
@@ -13,14 +15,11 @@ Similarity (`score`):
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from audio_alignment.losses import frame_similarity, unit_frames, unit_mean
-from harness.metrics import bootstrap_ci
+from alignment.losses import frame_similarity, unit_frames, unit_mean
 
 
 @dataclass
@@ -54,27 +53,14 @@ def true_ranks(scores: torch.Tensor, true_index: torch.Tensor) -> torch.Tensor:
     return (scores > true_scores).sum(1) + 1
 
 
-def retrieval_metrics(rows: list[dict], n_candidates: int, n_resamples: int, seed: int) -> dict:
-    """top-1 and top-10 accuracy (with bootstrap CIs over trials) overall and per session."""
-    ranked = [r for r in rows if r.get("true_rank") is not None]
-
-    def summary(subset) -> dict:
-        ranks = np.array([r["true_rank"] for r in subset], dtype=float)
-        out = {}
-        for k in (1, 10):
-            hits = (ranks <= k).astype(float)
-            out[f"retrieval_top{k}"] = float(hits.mean()) if len(hits) else None
-            ci = bootstrap_ci(hits, np.ones_like(hits), n_resamples=n_resamples, seed=seed) if len(hits) else None
-            out[f"retrieval_top{k}_ci"] = list(ci) if ci else None
-        out["median_true_rank"] = float(np.median(ranks)) if len(ranks) else None
-        return out
-
-    by_session = defaultdict(list)
-    for r in ranked:
-        by_session[r["session"]].append(r)
-    return {
-        **summary(ranked),
-        "n_candidates": n_candidates,
-        "retrieval_chance_top1": 1 / n_candidates if n_candidates else None,
-        "retrieval_by_session": {s: summary(rs) for s, rs in sorted(by_session.items())},
-    }
+def rank_candidates(brain: torch.Tensor, lengths: torch.Tensor, candidates: CandidateSet, score: str,
+                    sentences: list[str]) -> list[dict]:
+    """One row per trial: the best-scoring candidate (`retrieved_text`), the 1-based rank of the
+    trial's own sentence (`true_rank`, None where it is not a candidate) and the best score."""
+    scores = similarity(brain, lengths, candidates, score)
+    true_index = torch.tensor([candidates.index.get(s, 0) for s in sentences], device=scores.device)
+    ranks = true_ranks(scores, true_index).tolist()
+    best, best_scores = scores.argmax(1), scores.max(1).values
+    return [{"retrieved_text": candidates.sentences[b], "true_rank": rank if s in candidates.index else None,
+             "retrieval_similarity": round(value, 5)}
+            for b, rank, s, value in zip(best.tolist(), ranks, sentences, best_scores.tolist())]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
-from audio_alignment.targets import SAMPLE_RATE, register_tts, weights_digest
+from alignment.targets import SAMPLE_RATE, register_tts, weights_digest
 from harness.errors import UserError
 
 

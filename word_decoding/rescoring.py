@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ctc_baseline.beam_search import Hypothesis
+from word_decoding.beam_search import Hypothesis
 from harness.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ padding with garbage).
 - `interpolated_cosine_loss`: the original design: both sequences resampled to a common length,
   1 - mean frame-wise cosine.
 - `ctc_head_loss`: the auxiliary CTC loss of a phoneme head on the GRU outputs (mean over trials).
+- `alignment_losses` and `weighted_total`: the parts a model's `LossWeights` turn on, and their sum
+  (the audio-aligned GRU and the LLM decoder both assemble their alignment loss with these).
 - `info_nce`: sentence-level contrastive loss across the batch, on a similarity of whole sequences
   (`sequence_similarity`, the resampled frame-wise cosine, or `pooled_similarity`, the cosine of the
   means, which ignores timing altogether). Only the ranking of the true sentence among the batch's
@@ -18,6 +20,8 @@ padding with garbage).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +126,31 @@ def ctc_head_loss(logits, lengths, phoneme_ids, phoneme_lengths) -> torch.Tensor
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)
     return F.ctc_loss(log_probs, phoneme_ids, lengths, phoneme_lengths, blank=BLANK_ID, reduction="none",
                       zero_infinity=True).mean()
+
+
+@dataclass
+class LossWeights:
+    cosine: float = 1.0  # interpolated frame-wise cosine (the original design)
+    infonce: float = 1.0  # sentence-level contrastive loss across the batch
+    ctc: float = 0.0  # auxiliary CTC head on the GRU outputs; 0 = no head
+
+
+def alignment_losses(weights: LossWeights, emb, lengths, target, target_lengths, sentences: list[str], *,
+                     temperature: float, similarity: str, align_frames: int, ctc_logits=None,
+                     phoneme_ids=None, phoneme_lengths=None) -> dict[str, torch.Tensor]:
+    """The parts `weights` turn on: "cosine" and "infonce" against the targets (skipped when
+    `target` is None), "ctc" of the head's logits (when given)."""
+    parts = {}
+    if target is not None and weights.cosine:
+        parts["cosine"] = interpolated_cosine_loss(emb, lengths, target, target_lengths, align_frames)
+    if target is not None and weights.infonce:
+        parts["infonce"] = sentence_info_nce(emb, lengths, target, target_lengths, sentences, temperature,
+                                             similarity, align_frames)
+    if ctc_logits is not None:
+        parts["ctc"] = ctc_head_loss(ctc_logits, lengths, phoneme_ids, phoneme_lengths)
+    return parts
+
+
+def weighted_total(weights: LossWeights, parts: dict[str, torch.Tensor]):
+    """The sum of the parts, each times its weight (parts are named as LossWeights' fields)."""
+    return sum(getattr(weights, name) * value for name, value in parts.items())
