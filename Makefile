@@ -33,7 +33,7 @@ b2t-bench make targets
 
   help          this text (the default)
   setup         create .venv and install dependencies (bash setup.sh; SETUP_ARGS=--force reinstalls)
-  test          run the test suite: $(PY) -m pytest -q tests
+  test          lint (ruff check .) and run the test suite: $(PY) -m pytest -q tests
   synth         make the embedded synthetic dataset in $(SYNTH_DIR) (once; `make clean` removes it)
   ctc-baseline  train + evaluate the CTC phoneme baseline   (configs/ctc_baseline/ctc_baseline.yml)
   gru-align     train + evaluate the audio-aligned GRU      (configs/gru_align/gru_align.yml)
@@ -71,6 +71,7 @@ $(STAMP): setup.sh requirements.txt constraints.txt
 	PYTHON="$(PYTHON)" bash setup.sh
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 synth: $(SYNTH_REPORT)

@@ -30,7 +30,6 @@ import yaml
 from harness.errors import UserError
 from registry import CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS, Registry
 
-
 # ----------------------------------------------------------------------------------------------
 # The schema
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from harness.errors import UserError
 

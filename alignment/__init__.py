@@ -9,5 +9,12 @@
   harness metric).
 """
 
-from alignment import targets  # noqa: F401  first: the components below register through it
-from alignment import cache, encoders, losses, retrieval, store, tts  # noqa: F401
+from alignment import (  # noqa: F401
+    cache,
+    encoders,
+    losses,
+    retrieval,
+    store,
+    targets,  # noqa: F401  first: the components below register through it
+    tts,
+)

@@ -19,8 +19,8 @@ import io
 import json
 import sys
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm

@@ -52,10 +52,10 @@ class _Espeak:
     """The process's espeak-ng library, initialised once; use only while holding `lock`."""
 
     lock = threading.Lock()
-    _instance: "_Espeak | None" = None
+    _instance: _Espeak | None = None
 
     @classmethod
-    def get(cls) -> "_Espeak":
+    def get(cls) -> _Espeak:
         with cls.lock:
             if cls._instance is None:
                 cls._instance = cls()
@@ -92,7 +92,7 @@ class _Espeak:
     def set_voice(self, voice: str) -> bool:
         return self.lib.espeak_SetVoiceByName(voice.encode()) == 0
 
-    def synthesise(self, text: str, params: "EspeakParams") -> np.ndarray:
+    def synthesise(self, text: str, params: EspeakParams) -> np.ndarray:
         """int16 samples at self.sample_rate. Sets every setting each time: other engines in the
         same process may use other voices."""
         if not self.set_voice(params.voice):

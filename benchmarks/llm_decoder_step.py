@@ -54,7 +54,8 @@ TOY_TEXT = dict(QWEN2_AUDIO_7B_TEXT, hidden_size=64, num_hidden_layers=2, num_at
                 num_key_value_heads=4, intermediate_size=128, vocab_size=2200)
 SIZES = {"tiny": "configs/llm_decoder/llm_decoder.yml", "7b": "configs/llm_decoder/qwen2_audio.yml",
          "toy": "configs/llm_decoder/qwen2_audio.yml"}
-TOY_BRAIN = ["model_params.n_units=32", "model_params.n_layers=1", "model_params.rnn_dropout=0.0", "model_params.projector_hidden=32",
+TOY_BRAIN = ["model_params.n_units=32", "model_params.n_layers=1", "model_params.rnn_dropout=0.0",
+             "model_params.projector_hidden=32",
              "data_params.batch_size=8"]
 
 

@@ -44,8 +44,6 @@ import torch  # noqa: E402
 import ctc_baseline  # noqa: E402,F401  (registers the model)
 from config import ComponentSpec, load_config, typed_spec  # noqa: E402
 from ctc_baseline.model import CTCBaseline  # noqa: E402
-from registry import WORD_DECODERS  # noqa: E402
-from word_decoding.decoders import build_word_decoder, cached_lm, lm_text  # noqa: E402
 from harness.batching import collate, eval_batches  # noqa: E402
 from harness.data import FeatureStore, read_trials  # noqa: E402
 from harness.evaluation import apply_preprocessors  # noqa: E402
@@ -53,6 +51,8 @@ from harness.metrics import bootstrap_ci, word_edits  # noqa: E402
 from harness.pronounce import cmu_dict  # noqa: E402
 from harness.runner import build_preprocessors, load_any_checkpoint  # noqa: E402
 from harness.sentences import generate_sentence, sentence_key  # noqa: E402
+from registry import WORD_DECODERS  # noqa: E402
+from word_decoding.decoders import build_word_decoder, cached_lm, lm_text  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
 LMS = ["embedded", "large", "large+cmu"]

@@ -33,7 +33,7 @@ class Batch:
     sentences: list[str | None]
     trials: list[Trial]  # identity of each row (session, block, trial) for results
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=True)
             for f in fields(self)

@@ -83,7 +83,8 @@ def _for_name(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", value if isinstance(value, str) else json.dumps(value)).strip("_")
 
 
-def plan_sweep(config_path, overrides, out, sweeps, launcher, check: bool = True) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
+def plan_sweep(config_path, overrides, out, sweeps, launcher,
+               check: bool = True) -> tuple[ExperimentConfig, list[tuple[Path, list[str]]]]:
     """Every combination validated before any folder is made; each gets a new folder under --out
     (default: the config's results_dir) named after the trial and its values."""
     if config_path is None:

@@ -55,7 +55,7 @@ def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Pa
     axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)[:, 0]
     offsets = np.linspace(-0.3, 0.3, len(runs)) if len(runs) > 1 else np.zeros(1)
     for ax, metric in zip(axes, metrics):
-        for i, ((label, entry), offset) in enumerate(zip(runs, offsets)):
+        for i, ((_label, entry), offset) in enumerate(zip(runs, offsets)):
             xs, ys, lo, hi = [], [], [], []
             for position, group in enumerate(groups):
                 values = entry if group == "all" else (entry.get("by_session") or {}).get(group) or {}
@@ -108,7 +108,7 @@ def training_curves(runs: list[tuple[str, dict, list[dict]]], path: Path) -> Pat
         ax.set_visible(False)
     axes = grid[: len(panels)]
     for ax, tag in zip(axes, panels):
-        for i, (label, c) in enumerate(curves):
+        for i, (_label, c) in enumerate(curves):
             if tag in c:
                 steps, values = zip(*c[tag])
                 ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=_color(i))

@@ -14,7 +14,6 @@ from scipy.ndimage import gaussian_filter1d
 from harness.errors import UserError
 from registry import register_data_preprocessor
 
-
 # ----------------------------------------------------------------------------------------------
 # Gaussian smoothing (train and eval)
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -111,14 +111,14 @@ def is_finished(run_dir: Path | str) -> bool:
 
 
 def mark_done(run_dir: Path | str) -> None:
-    atomic_write_text(Path(run_dir) / DONE, datetime.now(timezone.utc).isoformat() + "\n")
+    atomic_write_text(Path(run_dir) / DONE, datetime.now(UTC).isoformat() + "\n")
 
 
 def new_run_dir(results_dir: Path | str, trial_name: str) -> Path:
     """A new folder results_dir/<trial_name>_<UTC time>; never reuses an existing one."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     for attempt in range(1000):
         name = f"{trial_name}_{stamp}" + (f"-{attempt}" if attempt else "")
         try:
@@ -178,7 +178,7 @@ def base_meta(device: str) -> dict:
         "device": device,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "argv": sys.argv,
-        "start": datetime.now(timezone.utc).isoformat(),
+        "start": datetime.now(UTC).isoformat(),
         "_start_monotonic": time.monotonic(),
     }
 
@@ -186,6 +186,6 @@ def base_meta(device: str) -> dict:
 def finish_meta(meta: dict) -> dict:
     meta = dict(meta)
     start = meta.pop("_start_monotonic")
-    meta["end"] = datetime.now(timezone.utc).isoformat()
+    meta["end"] = datetime.now(UTC).isoformat()
     meta["wall_seconds"] = round(time.monotonic() - start, 3)
     return meta

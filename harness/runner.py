@@ -26,8 +26,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import ExperimentConfig, dump_config, load_config
 from harness import distributed, results
-from harness.devices import pick_device
 from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, read_trials
+from harness.devices import pick_device
 from harness.errors import UserError
 from harness.evaluation import evaluate_split
 from harness.model_api import BuildContext, DataSummary, DecoderModel

@@ -77,7 +77,7 @@ def artefact_name(examples: list[Example], params: TinyLMParams) -> str:
                               "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
                              sort_keys=True).encode())
     for sentence, phonemes in examples:
-        digest.update(f"{sentence}\t{phonemes if params.phoneme_prompt else ''}\n".encode("utf-8"))
+        digest.update(f"{sentence}\t{phonemes if params.phoneme_prompt else ''}\n".encode())
     return f"tiny-qwen2-{digest.hexdigest()[:12]}"
 
 

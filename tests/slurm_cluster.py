@@ -159,7 +159,7 @@ def slurm_cluster(tmp_path_factory):
             patch.setenv("SLURM_CONF", str(conf))  # for the daemons, sbatch/scontrol, and the jobs they start
             for daemon, pid_file in [(["slurmctld", "-c"], "slurmctld.pid"), (["slurmd"], "slurmd.pid")]:
                 subprocess.run(daemon, check=True, capture_output=True)
-                started.append(int(wait_for(lambda: _read(root / pid_file), 10, f"{pid_file}")))
+                started.append(int(wait_for(lambda: _read(root / pid_file), 10, f"{pid_file}")))  # noqa: B023 (called now)
             state = lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
             wait_for(lambda: state() == "idle", 30, f"the node to be idle (see {root}/slurmctld.log, slurmd.log)")
             yield conf

@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignment.losses import (info_nce, interpolated_cosine_loss, masked_mean, pooled_similarity, resample,
-                                   sentence_info_nce, sequence_cosine, sequence_similarity)
+from alignment.losses import (
+    info_nce,
+    interpolated_cosine_loss,
+    masked_mean,
+    pooled_similarity,
+    resample,
+    sentence_info_nce,
+    sequence_cosine,
+    sequence_similarity,
+)
 from alignment.retrieval import build_candidates, retrieval_metrics, similarity, true_ranks
 
 

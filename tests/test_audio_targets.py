@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from alignment.encoders import LogMelParams, Qwen2AudioParams, _one_torch_thread, log_mel, qwen2_audio
-from alignment.targets import (SAMPLE_RATE, ComponentSpec, TargetParams, build_target_maker,
-                                     resolve_target_params)
+from alignment.targets import SAMPLE_RATE, ComponentSpec, TargetParams, build_target_maker, resolve_target_params
 from alignment.tts import EspeakParams, MmsTtsParams, espeak_ng, mms_tts
 from harness.errors import UserError
 
@@ -148,8 +147,7 @@ def test_log_mel_projection_is_fixed_by_its_seed(espeak):
 
 @pytest.fixture(scope="module")
 def qwen2_folders(tmp_path_factory):
-    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoder, Qwen2AudioEncoderConfig,
-                              Qwen2AudioForConditionalGeneration)
+    from transformers import Qwen2AudioConfig, Qwen2AudioEncoder, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration
 
     root = tmp_path_factory.mktemp("qwen2_audio")
     # max_source_positions 1500: the real model's 3000 mel-frame window, at a tiny width
@@ -291,8 +289,10 @@ def test_config_hash_follows_everything_that_changes_the_targets():
     ({"encoder": {"name": "logmel"}}, r"unknown audio encoder 'logmel'; did you mean 'log_mel'\?"),
     ({"tts": {"name": "espeak_ng", "params": {"vioce": "en-us"}}},
      r"model_params.targets.tts.params.vioce: unknown key; did you mean 'voice'\?"),
-    ({"tts": {"name": "espeak_ng", "params": {"voice": "en-uss"}}}, r"params.voice: unknown espeak-ng voice .en-uss.; did you mean .en-us.\?"),
-    ({"tts": {"name": "espeak_ng", "params": {"voice": "en-us+storm"}}}, r"unknown espeak-ng variant .storm.; did you mean .Storm.\?"),
+    ({"tts": {"name": "espeak_ng", "params": {"voice": "en-uss"}}},
+     r"params.voice: unknown espeak-ng voice .en-uss.; did you mean .en-us.\?"),
+    ({"tts": {"name": "espeak_ng", "params": {"voice": "en-us+storm"}}},
+     r"unknown espeak-ng variant .storm.; did you mean .Storm.\?"),
     ({"tts": {"name": "espeak_ng", "params": {"rate": 20}}}, r"params.rate: 20 is outside 80..450"),
     ({"encoder": {"name": "log_mel", "params": {"n_mels": 64}}}, r"params.n_mels: 64 is not one of 80, 128"),
     ({"encoder": {"name": "log_mel", "params": {"pool": 0}}}, r"params.pool: must be at least 1"),

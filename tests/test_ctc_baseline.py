@@ -13,13 +13,20 @@ import yaml
 
 from config import load_config
 from ctc_baseline import CTCBaseline, CTCBaselineParams, ctc_baseline, load_reference_checkpoint
-from harness.preprocessors import (AugmentParams, FeatureSubsetParams, GaussianSmoothingParams, augment,
-                                   feature_subset, gaussian_kernel, gaussian_smoothing)
-from word_decoding import greedy_phonemes
 from harness.batching import Batch
 from harness.errors import UserError
 from harness.model_api import BuildContext
+from harness.preprocessors import (
+    AugmentParams,
+    FeatureSubsetParams,
+    GaussianSmoothingParams,
+    augment,
+    feature_subset,
+    gaussian_kernel,
+    gaussian_smoothing,
+)
 from harness.runner import fill_data_fields
+from word_decoding import greedy_phonemes
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "b2txt25_tiny"
 SMALL = dict(n_days=3, n_features=8, n_units=12, n_layers=2, patch_size=5, patch_stride=2)

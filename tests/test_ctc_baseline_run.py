@@ -70,11 +70,11 @@ def fixture_sessions_data(tmp_path):
 
 def test_reference_checkpoint_folder_evaluates_like_the_reference_model(fixture_sessions_data, tmp_path):
     from ctc_baseline.model import CTCBaseline, CTCBaselineParams
-    from word_decoding import greedy_phonemes
-    from harness.preprocessors import GaussianSmoothingParams, gaussian_smoothing
     from ctc_baseline.reference import load_reference_checkpoint
     from harness.batching import collate
     from harness.data import FeatureStore, read_trials
+    from harness.preprocessors import GaussianSmoothingParams, gaussian_smoothing
+    from word_decoding import greedy_phonemes
 
     out, kaggle = tmp_path / "eval", tmp_path / "submission.csv"
     runner.evaluate(str(FIXTURE), str(fixture_sessions_data), "test", str(out), str(kaggle))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from alignment.losses import LossWeights
+from config import TrainingParams
 from harness import runner
 from harness.errors import UserError
 from harness.train import build_optimizer
@@ -19,7 +20,6 @@ from llm_decoder.language_model import LMParams, LoRAParams, load_language_model
 from llm_decoder.model import GenerationParams, LLMDecoder, LLMDecoderParams
 from llm_decoder.sequences import IGNORE, generation_inputs, sentence_loss, shorten, training_inputs
 from llm_decoder.train_lm import TinyLMParams, train_tokenizer
-from config import TrainingParams
 from tests.conftest import REPO_ROOT
 from tests.test_audio_targets import tiny_vits  # noqa: F401  (fixture)
 from tests.test_gru_align import HeldTargets, make_batch
@@ -37,8 +37,13 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def lm_folders(tmp_path_factory):
     """A tiny Qwen2 causal LM and a tiny Qwen2-Audio (audio width 16), each saved with a tokenizer."""
-    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     root = tmp_path_factory.mktemp("lms")
     tokenizer = train_tokenizer(SENTENCES, TinyLMParams(vocab_size=300))
@@ -232,7 +237,7 @@ def test_gradient_checkpointing_recomputes_the_lm_layers_and_gives_the_same_grad
         model = build(lm_folders / "causal", lora=2, checkpointing=checkpointing).train()
         layer = model.lm.model.layers[0]
         count = [0]
-        layer.mlp.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        layer.mlp.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))  # noqa: B023 (this layer's own count)
         torch.manual_seed(1)
         model.loss(batch_of(SENTENCES))["loss"].backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -168,7 +168,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(uninterrupted
         assert status == -signal.SIGKILL, output.read()[-3000:]
     partial = list(checkpoints.glob(".last.pt.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  torch raises one of several types for a cut zip
         torch.load(partial[0], weights_only=True)  # half a checkpoint: unreadable
     assert saved_step(checkpoints / "last.pt") == EVERY  # the second write (step 8) died; the first is intact
 

@@ -13,8 +13,8 @@ import harness.train
 import main
 from config import load_config
 from harness import runner
-from harness.results import BASE_COLUMNS
 from harness.plugins import load_plugins
+from harness.results import BASE_COLUMNS
 from tests.conftest import REPO_ROOT, TINY_CONFIG
 
 load_plugins()  # the in-process checks read configs that name the test plugin's model

@@ -6,8 +6,7 @@ import pytest
 from harness.errors import UserError
 from harness.phonemes import PHONEMES
 from harness.pronounce import cmu_dict, oov_words, sentence_ids, sentence_phonemes, words
-from harness.sentences import (MAX_WORDS, MIN_WORDS, generate_sentence, sentence_key,
-                               unique_sentences, vocabulary)
+from harness.sentences import MAX_WORDS, MIN_WORDS, generate_sentence, sentence_key, unique_sentences, vocabulary
 
 
 def test_every_vocabulary_word_is_in_cmudict():

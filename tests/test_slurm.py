@@ -128,7 +128,8 @@ def test_sweep_is_a_job_array_capped_at_array_parallelism(slurm_cluster, dataset
     metas = []
     for (job_id, folder, log), hidden in zip(jobs, [8, 16]):
         assert os.path.basename(folder).startswith(f"tiny_test_hidden-{hidden}_")
-        wait_for(lambda: os.path.isfile(os.path.join(folder, "DONE")), 90, f"job {job_id} to finish (log {log})")
+        wait_for(lambda: os.path.isfile(os.path.join(folder, "DONE")), 90,  # noqa: B023 (called now)
+                 f"job {job_id} to finish (log {log})")
         assert f"hidden: {hidden}\n" in open(os.path.join(folder, "config.yaml")).read()
         metas.append(json.loads(open(os.path.join(folder, "meta.json")).read()))
     first, second = sorted(metas, key=lambda m: m["start"])

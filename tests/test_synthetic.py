@@ -16,8 +16,7 @@ import pytest
 from harness.errors import UserError
 from harness.pronounce import sentence_ids
 from harness.sentences import sentence_key
-from harness.synthetic import (REPORT_NAME, plan_dataset, session_names, simulate_session,
-                               split_counts, write_synthetic_dataset)
+from harness.synthetic import REPORT_NAME, plan_dataset, session_names, simulate_session, split_counts, write_synthetic_dataset
 
 LABELED_DATASETS = {"input_features", "seq_class_ids", "transcription"}
 LABELED_ATTRS = {"n_time_steps", "seq_len", "sentence_label", "session", "block_num",

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from config import TrainingParams, ParamGroupParams
-from harness.train import build_optimizer, is_better, lr_lambda, TrainState
+from config import ParamGroupParams, TrainingParams
+from harness.train import TrainState, build_optimizer, is_better, lr_lambda
 
 
 def test_warmup_then_cosine_to_lr_min_then_flat():

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from word_decoding import ngram
-from word_decoding.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
-from word_decoding.lexicon import Lexicon, cmu_lexicon, read_lexicon
-from word_decoding import greedy_phonemes
 from config import ComponentSpec
-from word_decoding.decoders import LexiconNgramParams, build_word_decoder
 from harness.errors import UserError
 from harness.phonemes import BLANK_ID, N_CLASSES, PHONEME_TO_ID
 from tests.conftest import REPO_ROOT
+from word_decoding import greedy_phonemes, ngram
+from word_decoding.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
+from word_decoding.decoders import LexiconNgramParams, build_word_decoder
+from word_decoding.lexicon import Lexicon, cmu_lexicon, read_lexicon
 
 kenlm = pytest.importorskip("kenlm")
 

@@ -27,9 +27,9 @@ from flashlight.lib.text.decoder import CriterionType, LexiconDecoder, LexiconDe
 from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import Dictionary
 
-from word_decoding.lexicon import Lexicon
 from harness.errors import UserError
 from harness.phonemes import BLANK_ID, N_CLASSES, PHONEME_TO_ID, SIL_ID
+from word_decoding.lexicon import Lexicon
 
 LN10 = math.log(10)
 UNK = "<unk>"
@@ -120,6 +120,7 @@ class LexiconBeamSearch:
         emissions = self.emissions(log_probs)
         results = self.decoder.decode(emissions.ctypes.data, len(emissions), N_CLASSES)
         found: dict[tuple[str, ...], Hypothesis] = {}
+        last = -math.inf  # score of the last hypothesis kept
         for result in results:  # best first; many differ only in their alignment
             if len(found) >= self.params.nbest and result.score < last:
                 break  # enough, and no more ties with the last one kept

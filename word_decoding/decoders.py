@@ -30,19 +30,18 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from config import ComponentSpec, component
-from word_decoding import ngram
-from word_decoding.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
-from word_decoding.lexicon import Lexicon, cmu_lexicon, read_lexicon, read_word_list
-from word_decoding.rescoring import LLMRescorer, LLMRescoringParams
 from harness.errors import UserError
 from harness.metrics import normalize_text
 from harness.pronounce import words
 from registry import WORD_DECODERS, register_word_decoder
+from word_decoding import ngram
+from word_decoding.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
+from word_decoding.lexicon import Lexicon, cmu_lexicon, read_lexicon, read_word_list
+from word_decoding.rescoring import LLMRescorer, LLMRescoringParams
 
 log = logging.getLogger(__name__)
 

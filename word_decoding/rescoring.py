@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
-from word_decoding.beam_search import Hypothesis
 from harness.errors import UserError
+from word_decoding.beam_search import Hypothesis
 
 log = logging.getLogger(__name__)
 
