@@ -32,6 +32,3 @@ def ids_to_text(ids) -> str:
     """Space-separated ARPAbet with SIL, the per_trial.csv form."""
     return " ".join(ids_to_phonemes(ids))
 
-
-def text_to_ids(text: str) -> list[int]:
-    return phonemes_to_ids(text.split())

@@ -140,8 +140,8 @@ def remove_partial_checkpoints(ckpt_dir: Path) -> None:
 
 
 def restore_rng(saved: dict) -> None:
-    """Each rank takes back its own RNG state (older checkpoints hold one, under "rng")."""
-    by_rank = saved.get("rng_by_rank") or [saved["rng"]]
+    """Each rank takes back its own RNG state."""
+    by_rank = saved["rng_by_rank"]
     if len(by_rank) != distributed.world_size():
         log.warning("the checkpoint was written by %d ranks and is resumed by %d: training goes on, but neither "
                     "the batches nor the random draws are those of an uninterrupted run", len(by_rank),

@@ -75,7 +75,10 @@ def test_run_writes_a_complete_run_folder(finished_run, small_dataset):
 
     resolved = load_config(out / "config.yaml")
     assert resolved.data_params.sessions == ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]
-    assert resolved.model_params.n_days == 3 and resolved.model_params.n_features == 512  # set by the setter
+    assert resolved.model_params.n_days == 3 and resolved.model_params.n_features == 512  # filled by the harness
+    assert resolved.model_params.n_train_trials == 18  # set by the plugin's own config setter
+    assert meta["plugins"] and all(p["file"] for p in meta["plugins"])
+    assert "tests.tiny_plugin" in [p["module"] for p in meta["plugins"]]
 
 
 def test_resolved_config_reproduces_the_run(finished_run, tmp_path):
@@ -168,3 +171,30 @@ def test_every_command_has_help():
     for command in ["run", "evaluate", "compare", "synth", "list"]:
         result = cli(command, "--help")
         assert result.returncode == 0 and "usage: main.py" in result.stdout, command
+
+
+def test_evaluate_names_the_plugin_a_checkpoint_needs(finished_run, small_dataset, tmp_path):
+    env = dict(os.environ, B2T_PLUGINS="", PYTHONPATH=str(REPO_ROOT))
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), "evaluate", "--checkpoint", str(finished_run),
+                             "--data-dir", str(small_dataset), "--split", "val", "--out", str(out)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "model 'tiny_ctc' is registered by no loaded plugin" in result.stderr
+    assert "set B2T_PLUGINS=tests.tiny_plugin" in result.stderr and "tests/tiny_plugin/__init__.py" in result.stderr
+    assert not out.exists()
+
+
+def test_an_error_after_the_folder_exists_lands_in_run_log(small_dataset, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(runner, "train", fail)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        runner.run(str(TINY_CONFIG), [f"data_params.data_dir={small_dataset}"], str(out), False, False)
+    log = (out / "run.log").read_text()
+    assert "the run stopped: RuntimeError: disk on fire (resume it with --resume --out RUN_DIR)" in log
+    assert "Traceback (most recent call last)" in log and "in fail" in log
+    assert "pre-flight check of the model" in log  # what was logged before the folder existed comes first
+    assert log.index("pre-flight check") < log.index("run folder:")

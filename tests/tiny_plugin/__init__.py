@@ -18,8 +18,9 @@ from registry import register_config_setter, register_data_preprocessor, registe
 class TinyParams:
     hidden: int = 32
     stride: int = 2  # output frames are every `stride` input bins
-    n_days: int = 0  # filled by the config setter
-    n_features: int = 0  # filled by the config setter
+    n_days: int = 0  # filled by the harness (sessions)
+    n_features: int = 0  # filled by the harness (the width after the preprocessors)
+    n_train_trials: int = 0  # filled by the config setter: what only this model derives (recorded, unused)
 
 
 class TinyCTC(DecoderModel):
@@ -70,8 +71,7 @@ def tiny_ctc(params: TinyParams, ctx):
 
 @register_config_setter()
 def tiny_ctc_setter(config, data):
-    config.model_params.n_days = len(data.sessions)
-    config.model_params.n_features = data.n_features
+    config.model_params.n_train_trials = len(data.trials.get("train", []))
 
 
 @dataclass

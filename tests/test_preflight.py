@@ -1,0 +1,132 @@
+"""The pre-flight check: a model that breaks the model API contract is stopped before any run folder
+exists, with one line naming its function; a sound model runs with the same results with or without it."""
+
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from harness import runner
+from harness.errors import UserError
+from harness.plugins import load_plugins
+from registry import register_data_preprocessor, register_model_constructor
+from tests.conftest import TINY_CONFIG
+from tests.tiny_plugin import TinyCTC, TinyParams
+
+load_plugins()
+
+
+@dataclass
+class BrokenParams(TinyParams):
+    breach: str = "none"
+
+
+class BrokenCTC(TinyCTC):
+    """The tiny CTC model with one contract breach, chosen by `breach`."""
+
+    def __init__(self, p: BrokenParams):
+        super().__init__(p)
+        self.breach = p.breach
+
+    def loss(self, batch):
+        out = super().loss(batch)
+        if self.breach == "loss_tensor":
+            return out["loss"]
+        if self.breach == "loss_nan":
+            return {"loss": out["loss"] * float("nan")}
+        if self.breach == "loss_vector":
+            return {"loss": out["loss"].repeat(3)}
+        return out
+
+    def decode(self, batch):
+        rows = super().decode(batch)
+        if self.breach == "rows_short":
+            return rows[:-1]
+        if self.breach == "rows_tuple":
+            return tuple(rows)
+        if self.breach == "phoneme_unknown":
+            rows[0]["predicted_phonemes"] = "AA1 B"
+        if self.breach == "text_bytes":
+            rows[0]["predicted_text"] = b"hello"
+        if self.breach == "too_many":
+            rows[0]["predicted_phonemes"] = " ".join(["AA"] * (batch.lengths[0].item() + 1))
+        return rows
+
+
+@register_model_constructor()
+def broken_ctc(params: BrokenParams, ctx):
+    return BrokenCTC(params)
+
+
+@dataclass
+class HalfParams:
+    pass
+
+
+@register_data_preprocessor()
+def half_width_undeclared(params: HalfParams):
+    """Drops half the features without saying so (no output_features)."""
+
+    def preprocess(batch, training):
+        batch.features = batch.features[..., : batch.features.shape[-1] // 2]
+        return batch
+
+    return preprocess
+
+
+def run_broken(small_dataset, tmp_path, *sets):
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        runner.run(str(TINY_CONFIG), [f"data_params.data_dir={small_dataset}", "model_constructor_name=broken_ctc",
+                                      *sets], str(out), False, False)
+    assert not out.exists(), "the pre-flight check must fail before the run folder is made"
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("breach, expected", [
+    ("loss_tensor", r"BrokenCTC.loss\(batch\) returned Tensor .*must return a dict with the key 'loss'"),
+    ("loss_nan", r"BrokenCTC.loss\(batch\)\['loss'\] is nan .*must be finite"),
+    ("loss_vector", r"BrokenCTC.loss\(batch\)\['loss'\] is Tensor .*must be a scalar tensor"),
+    ("rows_short", r"BrokenCTC.decode\(batch\) returned 3 rows for 4 trials"),
+    ("rows_tuple", r"BrokenCTC.decode\(batch\) returned tuple .*list with one dict per trial"),
+    ("phoneme_unknown", r"BrokenCTC.decode\(batch\)\[0\]\['predicted_phonemes'\] holds AA1, not in the phoneme inventory"),
+    ("text_bytes", r"BrokenCTC.decode\(batch\)\[0\]\['predicted_text'\] is bytes .*must be a str"),
+    ("too_many", r"BrokenCTC.decode\(batch\)\[0\] has \d+ phonemes for a trial of \d+ time steps"),
+])
+def test_a_contract_breach_is_one_line_before_any_folder(small_dataset, tmp_path, breach, expected):
+    message = run_broken(small_dataset, tmp_path, f"model_params.breach={breach}")
+    assert re.search(expected, message), message
+
+
+def test_an_undeclared_width_change_and_an_unknown_best_metric_are_caught(small_dataset, tmp_path):
+    message = run_broken(small_dataset, tmp_path, "data_params.preprocessors=[{name: half_width_undeclared}]")
+    assert "the preprocessors give 256 features per bin, but the model was built for 512" in message
+    message = run_broken(small_dataset, tmp_path, "training_params.best_metric=wer_typo")
+    assert "training_params.best_metric 'wer_typo' is not among the metrics validation reports" in message
+    assert "per" in message  # it lists what there is
+
+
+def test_the_check_changes_no_result_and_takes_little_time(small_dataset, tmp_path):
+    sets = [f"data_params.data_dir={small_dataset}", "training_params.num_steps=4", "training_params.val_every=2"]
+    checked = runner.run(str(TINY_CONFIG), sets, str(tmp_path / "checked"), False, False, check=True)
+    unchecked = runner.run(str(TINY_CONFIG), sets, str(tmp_path / "unchecked"), False, False, check=False)
+    assert (checked / "per_trial.csv").read_text() == (unchecked / "per_trial.csv").read_text()
+    a = torch.load(checked / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(unchecked / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (checked / "run.log").read_text()
+    assert "pre-flight check of the model" in log and "pre-flight" not in (unchecked / "run.log").read_text()
+
+
+def test_the_check_alone_before_a_slurm_submission(small_dataset, capsys):
+    from config import load_config
+
+    runner.check_model(load_config(TINY_CONFIG, [f"data_params.data_dir={small_dataset}"]))
+    assert re.search(r"pre-flight check of tiny_ctc on this machine's CPU: passed in \d+\.\d s", capsys.readouterr().out)
+    broken = load_config(TINY_CONFIG, [f"data_params.data_dir={small_dataset}", "model_constructor_name=broken_ctc",
+                                       "model_params.breach=loss_nan"])
+    with pytest.raises(UserError, match="must be finite"):
+        runner.check_model(broken)
