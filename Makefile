@@ -1,5 +1,5 @@
 # b2t-bench: `make` (or `make help`) lists what is here.
-# The CLI behind these targets is main.py (design.md, "Contracts"); this file only strings it together.
+# The CLI behind these targets is main.py (docs/contracts.md); this file only strings it together.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -88,7 +88,7 @@ $(1): $$(STAMP) $$(SYNTH_REPORT)
 	$$(LAUNCH) main.py run --config configs/$(2)/$(2).yml --launcher $$(LAUNCHER) $$(ARGS)
 else
 $(1):
-	@echo "$(1): not available yet (see the open issue for $(2))" >&2; exit 2
+	@echo "$(1): configs/$(2)/$(2).yml is missing" >&2; exit 2
 endif
 endef
 $(eval $(call MODEL_RUN,ctc-baseline,ctc_baseline))

@@ -1,4 +1,4 @@
-"""b2t-bench command line: run | evaluate | compare | synth | list.
+"""b2t-bench command line: run | evaluate | compare | synth | download | list.
 
 Thin: parses arguments, then calls the harness. A user mistake ends with one line on stderr and
 exit status 2; a model folder that fails to import shows its traceback and its name, exit status 2.
@@ -63,6 +63,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     syn.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
     syn.add_argument("--corpus", help="text file, one sentence per line, replacing the built-in sentences")
 
+    dl = commands.add_parser("download", help="fetch the Brain-to-Text '25 data and baseline checkpoint from Dryad",
+                             description="Fetch the Brain-to-Text '25 dataset from Dryad (API v2), resuming and verifying "
+                                         "each file, and unpack it into DIR/hdf5_data_final/ and "
+                                         "DIR/t15_pretrained_rnn_baseline/checkpoint/. Dryad serves files only to API users: "
+                                         "set DRYAD_TOKEN, or DRYAD_CLIENT_ID and DRYAD_CLIENT_SECRET "
+                                         "(an API account: https://datadryad.org/api).")
+    dl.add_argument("--dest", default="data/b2txt25", metavar="DIR", help="where the data goes (default: %(default)s)")
+    dl.add_argument("--base-url", default="https://datadryad.org", metavar="URL", help="the Dryad server (default: %(default)s)")
+    dl.add_argument("--doi", default="doi:10.5061/dryad.dncjsxm85", help="the dataset (default: %(default)s)")
+    dl.add_argument("--files", nargs="+", metavar="NAME",
+                    help="these files of the dataset, by exact name (default: the neural data zip, the baseline zip, "
+                         "the README and the description CSV)")
+    dl.add_argument("--keep-zips", action="store_true", help="keep the zip archives after unpacking them")
+
     commands.add_parser("list", help="print every registered name", description="Print every name of every registry.")
     return parser.parse_args(argv)
 
@@ -87,6 +101,10 @@ def dispatch(args: argparse.Namespace) -> int:
         given = {"n_sessions": args.sessions, "trials_per_session": args.trials, "seed": args.seed, "corpus_path": args.corpus}
         report = write_synthetic_dataset(args.out, **{k: v for k, v in given.items() if v is not None})
         print(f"wrote {args.out}: {synth_summary(report)}")
+    elif args.command == "download":
+        from harness.download import download
+
+        download(args.dest, args.base_url, args.files, args.doi, args.keep_zips)
     elif args.command == "list":
         print_registries()
     return 0

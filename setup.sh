@@ -49,7 +49,7 @@ sha256_of() {
 }
 
 # --- system packages ---------------------------------------------------------------------------
-# Reserved for system packages that later issues need (they will be checked here, with a line
+# Reserved for system packages that later features need (they will be checked here, with a line
 # that says how to install them). None are needed yet.
 
 # --- virtual environment -----------------------------------------------------------------------

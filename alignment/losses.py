@@ -8,7 +8,7 @@ padding with garbage).
 - `resample`: linear interpolation of every sequence to a common number of frames, the same rule as
   `F.interpolate(mode="linear", align_corners=False)` applied to each trial's valid frames alone,
   done for the whole batch as one batched matmul (F.interpolate takes one output size per call).
-- `interpolated_cosine_loss`: the original design: both sequences resampled to a common length,
+- `interpolated_cosine_loss`: both sequences resampled to a common length,
   1 - mean frame-wise cosine.
 - `ctc_head_loss`: the auxiliary CTC loss of a phoneme head on the GRU outputs (mean over trials).
 - `alignment_losses` and `weighted_total`: the parts a model's `LossWeights` turn on, and their sum
@@ -130,7 +130,7 @@ def ctc_head_loss(logits, lengths, phoneme_ids, phoneme_lengths) -> torch.Tensor
 
 @dataclass
 class LossWeights:
-    cosine: float = 1.0  # interpolated frame-wise cosine (the original design)
+    cosine: float = 1.0  # interpolated frame-wise cosine
     infonce: float = 1.0  # sentence-level contrastive loss across the batch
     ctc: float = 0.0  # auxiliary CTC head on the GRU outputs; 0 = no head
 

@@ -4,7 +4,7 @@ encoder makes of text-to-speech audio of the attempted sentence.
 brain features -> GRUEncoder (day layers, patching, GRU) -> projector -> (B, P, target dim)
 sentence -> TTS -> audio encoder -> (T, target dim), precomputed once per sentence (TargetCache)
 
-Losses (weights in `loss_weights`): the interpolated frame-wise cosine of the original design,
+Losses (weights in `loss_weights`): the interpolated frame-wise cosine,
 sentence-level InfoNCE across the batch, and an optional auxiliary CTC head over the 41 phoneme
 classes. Evaluation ranks every sentence of the split by similarity (alignment.retrieval) and
 writes the best as the trial's text (the harness turns the ranks into retrieval accuracy); with the

@@ -2,10 +2,10 @@
 """Training-step throughput of the CTC baseline: this implementation against the reference approach.
 
 Both sides train the same model (same state dict), on the same batches (the trial indices of
-TrainBatchSampler), with the same preprocessors (ctc_baseline's augment + gaussian_smoothing), the same
+TrainBatchSampler), with the same preprocessors (the harness's augment + gaussian_smoothing), the same
 loss (CTC, mean over trials), the same optimizer (the harness's AdamW groups, fused as the reference
 trainer's) and the same clipping.
-What differs is only what the issue names:
+What differs is only this:
 
   reference   the reference GRUDecoder re-implemented below, op for op: per-trial stacked day weights
               + einsum, unfold patching, GRU over every padded step from h0; and its data path: for
@@ -17,7 +17,7 @@ What differs is only what the issue names:
               bins valid patches read, valid patches only, GRU over valid steps: on CPU through
               gru_decoder.packed_gru, on CUDA through nn.GRU on a PackedSequence)
   ours+atenpack
-              ablation, CPU only: the encoder's packed path as it was before packed_gru: day layer and
+              ablation, CPU only: a packed path without packed_gru: day layer and
               patching over the padded batch, then nn.GRU on a PackedSequence (ATen's packed CPU GRU;
               on CUDA that is what ours+pack does for the GRU, so leave it out there)
 
@@ -125,8 +125,8 @@ DEFAULT_VARIANTS = list(VARIANTS)
 
 
 class ReferenceGRUDecoder(nn.Module):
-    """The reference GRUDecoder (section 3), forward op for op. Parameters are registered in the
-    reference's order, so the state dict has its key names (those of CTCBaseline too)."""
+    """The reference GRUDecoder (docs/reference.md, section 3), forward op for op. Parameters are
+    registered in the reference's order, so the state dict has its key names (those of CTCBaseline too)."""
 
     def __init__(self, neural_dim, n_units, n_days, n_classes, rnn_dropout, input_dropout, n_layers,
                  patch_size, patch_stride):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Word decoding speed, memory and WER: the lexicon + n-gram beam search (ctc_baseline.word_decoding)
+"""Word decoding speed, memory and WER: the lexicon + n-gram beam search (word_decoding/)
 on the phoneme log-probabilities of a trained CTC baseline, for two language models:
 
   embedded  the default: lexicon and 3-gram from the run's training transcriptions

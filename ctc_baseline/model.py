@@ -1,5 +1,5 @@
 """The Brain-to-Text '25 baseline as a b2t-bench model: GRU encoder + linear phoneme head, CTC loss,
-greedy phoneme decoding (reference sections 3 and 6) and a configurable word decoder
+greedy phoneme decoding (docs/reference.md, sections 3 and 6) and a configurable word decoder
 (`model_params.word_decoder`, the shared word_decoding package) for the text."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class CTCBaseline(GRUEncoder, DecoderModel):
         self.min_time_steps = p.patch_size  # shorter trials give no output frame
         self.zero_infinity = p.zero_infinity
         self.out = nn.Linear(p.n_units, p.n_classes)
-        nn.init.xavier_uniform_(self.out.weight)  # the reference code does this (section 3 omits it)
+        nn.init.xavier_uniform_(self.out.weight)  # as the reference code (docs/reference.md, section 3)
 
     def forward(self, features, lengths, day_indices):
         """-> raw logits (B, P, n_classes) and the valid output frames per trial (B,)."""
@@ -52,7 +52,7 @@ class CTCBaseline(GRUEncoder, DecoderModel):
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (P, B, classes), float32 under bf16 too
         per_trial = F.ctc_loss(log_probs, batch.phoneme_ids, out_lengths, batch.phoneme_lengths,
                                blank=BLANK_ID, reduction="none", zero_infinity=self.zero_infinity)
-        ctc = per_trial.mean()  # mean over trials, no length normalisation (reference section 6)
+        ctc = per_trial.mean()  # mean over trials, no length normalisation (docs/reference.md, section 6)
         return {"loss": ctc, "ctc": ctc}
 
     def decode(self, batch):

@@ -1,4 +1,4 @@
-"""Load a checkpoint folder written by the reference Brain-to-Text '25 trainer (reference section 7).
+"""Load a checkpoint folder written by the reference Brain-to-Text '25 trainer (docs/reference.md, section 7).
 
     <folder>/checkpoint/args.yaml         the trainer's config: model size, session list, transforms
     <folder>/checkpoint/best_checkpoint   torch.save dict: model_state_dict (keys prefixed `_orig_mod.`),

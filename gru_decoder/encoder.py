@@ -1,4 +1,4 @@
-"""The shared brain encoder of the Brain-to-Text '25 baseline (reference section 3, steps 1-4).
+"""The shared brain encoder of the Brain-to-Text '25 baseline (docs/reference.md, section 3, steps 1-4).
 
 Per-session day layer -> Softsign -> dropout -> time patching -> GRU from a learned h0. Decoder
 families subclass `GRUEncoder` and add their head, so that the state dict keeps the reference's
@@ -29,9 +29,9 @@ from gru_decoder.packed_gru import gru_over_packed, packing, unpack
 
 @dataclass
 class GRUEncoderParams:
-    """Encoder sizes; the defaults are the published baseline (reference section 3)."""
+    """Encoder sizes; the defaults are the published baseline (docs/reference.md, section 3)."""
 
-    n_days: int = 0  # number of sessions (one day layer each); filled from the data by a config setter
+    n_days: int = 0  # number of sessions (one day layer each); filled from the data by the harness
     n_features: int = 512  # input width C
     n_units: int = 768  # GRU hidden size
     n_layers: int = 5
@@ -95,8 +95,8 @@ class GRUEncoder(nn.Module):
         return torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
 
     def param_group(self, name: str) -> str:
-        """Reference section 4, for every model on this encoder: day layers (own LR, no decay), biases
-        (the GRU's and the heads', no decay), the rest."""
+        """The reference recipe's groups (docs/reference.md, section 4), for every model on this
+        encoder: day layers (own LR, no decay), biases (the GRU's and the heads', no decay), the rest."""
         if name.startswith(("day_weights.", "day_biases.")):
             return "day"
         if name.endswith(".bias") or name.startswith("gru.bias"):

@@ -1,7 +1,7 @@
 """Batches as the reference makes them, and the Batch every model receives.
 
 Training: each batch draws `days_per_batch` sessions uniformly without replacement, then
-`batch_size // days_per_batch` trials per session with replacement (reference section 4). The draw
+`batch_size // days_per_batch` trials per session with replacement (docs/reference.md, section 4). The draw
 for step s depends only on (seed, s), so resuming at step s gives the same batches without saving
 sampler state, and DataLoader workers never touch the sampling.
 Several ranks (torchrun) and gradient accumulation share that one stream: each optimizer step

@@ -1,4 +1,4 @@
-"""Reader for the Brain-to-Text '25 HDF5 format (reference section 1), real or synthetic.
+"""Reader for the Brain-to-Text '25 HDF5 format (docs/reference.md, section 1), real or synthetic.
 
 `<data_dir>/<session>/data_{train,val,test}.hdf5`, one group per trial (`trial_0000`, ...), with
 `input_features` (T, 512), and, except in the unlabeled test split, `seq_class_ids` (zero padded,

@@ -1,7 +1,7 @@
 """The one exception type for user mistakes.
 
 A UserError ends the program with its message on one line and exit status 2, no traceback
-(design.md, "Errors"). Everything else is a bug and keeps its traceback.
+(docs/contracts.md, "Errors"). Everything else is a bug and keeps its traceback.
 """
 
 

@@ -1,4 +1,4 @@
-"""Decode a split into per-trial rows and metrics (results contract of design.md)."""
+"""Decode a split into per-trial rows and metrics (the results contract: docs/contracts.md)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
         for folder, run_overrides in planned:
             run(config_path, run_overrides, str(folder), False, False, check)
     else:
-        submit(config, config_path, planned)
+        submit(config, config_path, planned, check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,10 +131,11 @@ class SlurmRun(submitit.helpers.Checkpointable):
     resubmits it unchanged when submitit catches the preemption/time-out signal: the run's own
     checkpoints (training_params.checkpoint_every) hold the progress, not this object."""
 
-    def __init__(self, config_text: str | None, overrides: list[str], out: str):
+    def __init__(self, config_text: str | None, overrides: list[str], out: str, check: bool = True):
         self.config_text = config_text  # the config as submitted: editing the file later changes nothing
         self.overrides = list(overrides)
         self.out = out
+        self.check = check  # the pre-flight check again in the job, on its own device (--no-preflight: never)
 
     def __call__(self) -> str:
         from harness.runner import run
@@ -153,7 +154,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
             if self.config_text is not None:
                 config_path = Path(tmp) / "config.yml"
                 config_path.write_text(self.config_text)
-            run(config_path and str(config_path), self.overrides, self.out, True, False)
+            run(config_path and str(config_path), self.overrides, self.out, True, False, self.check)
         return self.out
 
 
@@ -173,11 +174,12 @@ def make_executor(sp: SlurmParams, job_name: str) -> submitit.SlurmExecutor:
     return executor
 
 
-def submit(config: ExperimentConfig, config_path: str | None, planned: list[tuple[Path, list[str]]]) -> list:
+def submit(config: ExperimentConfig, config_path: str | None, planned: list[tuple[Path, list[str]]],
+           check: bool = True) -> list:
     """Submit one job (one planned run) or one job array (a sweep); print ids, folders and logs."""
     config_text = Path(config_path).read_text() if config_path is not None else None
     executor = make_executor(config.slurm, config.trial_name)
-    calls = [SlurmRun(config_text, run_overrides, str(folder.absolute())) for folder, run_overrides in planned]
+    calls = [SlurmRun(config_text, run_overrides, str(folder.absolute()), check) for folder, run_overrides in planned]
     try:
         if len(calls) == 1:
             jobs = [executor.submit(calls[0])]

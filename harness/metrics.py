@@ -1,6 +1,6 @@
 """Error rates of a decoder: PER, WER, CER with bootstrap confidence intervals.
 
-Definitions follow reference section 6 (docs/b2txt25-reference.md):
+Definitions follow docs/reference.md, section 6:
 - every rate is a *summed ratio* over a split, sum(edits) / sum(reference counts), never the mean
   of per-trial rates (short sentences would otherwise weigh as much as long ones);
 - PER counts SIL tokens; WER and CER compare normalised text (normalize_text), CER counts spaces;
@@ -223,7 +223,7 @@ def _summary(rows: list, seed: int, n_resamples: int) -> dict:
 
 
 def split_metrics(rows: Iterable, seed: int = 0, n_resamples: int = 10_000) -> dict:
-    """The metrics.json entry of one split (design.md, results contract).
+    """The metrics.json entry of one split (docs/contracts.md, "metrics.json").
 
     rows: per-trial dicts or records with `session` and the six error columns of
     trial_error_columns. A metric is computed over the rows that have both its columns; with no

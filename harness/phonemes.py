@@ -1,4 +1,4 @@
-"""The 41-class phoneme inventory of the Brain-to-Text '25 baseline (reference section 2).
+"""The 41-class phoneme inventory of the Brain-to-Text '25 baseline (docs/reference.md, section 2).
 
 Class 0 is the CTC blank, 1-39 the CMU-dictionary ARPAbet phonemes without stress, 40 is SIL,
 the word boundary that follows every word (the last one included).

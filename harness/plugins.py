@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Shared packages: components every model may use; imported first, never model folders themselves.
-SHARED_PACKAGES = ["harness.preprocessors", "word_decoding", "alignment"]
+SHARED_PACKAGES = ["harness.preprocessors", "gru_decoder", "word_decoding", "alignment"]
 NOT_PLUGINS = {"harness", "tests", "configs", "results", "benchmarks", "data", "docs",
                *(name.split(".")[0] for name in SHARED_PACKAGES)}
 

@@ -3,8 +3,10 @@
 (harness/model_api.py), so that a plugin's mistake ends in one line naming the function and what it
 returned, not in a traceback at the first validation with an unfinished run folder behind it.
 
-It leaves no trace: no gradient is kept, the model is back in its mode, and every random number
-generator (torch, numpy, random) is restored, so a run's results are the same with or without it.
+The training batch goes through `loss` as training runs it (train mode, training-time preprocessors),
+the validation batch through `decode` as validation does (eval mode). It leaves no trace: no gradient
+is kept, the model is back in its mode, and every random number generator (torch, numpy, random) is
+restored, so a run's results are the same with or without it.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ def preflight(model, config, trials: dict, stores: dict, preprocessors, device, 
     was_training = model.training
     with _rng_kept(), torch.no_grad():
         try:
-            model.eval()
             if config.training_params.num_steps > 0 and trials.get("train"):
-                batch = _batch(trials["train"], stores["train"], preprocessors, device, n_features)
+                model.train()  # as training runs it: augmentation and dropout on (their draws are undone)
+                batch = _batch(trials["train"], stores["train"], preprocessors, device, n_features, training=True)
                 with autocast(device, config.training_params.amp_bf16):
                     _check_loss(name, model.loss(batch))
+            model.eval()
             split = next((s for s in ("val", *config.evaluation.splits) if trials.get(s)), None)
             if split is not None:
                 model.prepare_split(split, trials[split])
@@ -57,9 +60,9 @@ def preflight(model, config, trials: dict, stores: dict, preprocessors, device, 
     return time.perf_counter() - started
 
 
-def _batch(trials, store, preprocessors, device, n_features: int):
+def _batch(trials, store, preprocessors, device, n_features: int, training: bool = False):
     batch = collate([TrialDataset(trials, store)[i] for i in range(min(BATCH_TRIALS, len(trials)))])
-    batch = apply_preprocessors(batch.to(device), preprocessors, training=False)
+    batch = apply_preprocessors(batch.to(device), preprocessors, training=training)
     width = batch.features.shape[-1]
     if width != n_features:
         raise ContractError(f"the preprocessors give {width} features per bin, but the model was built for "
@@ -110,7 +113,7 @@ def _check_best_metric(name: str, model, config, rows, batch) -> None:
     metrics = split_metrics(scored, n_resamples=0)
     metrics.update(model.split_metrics("val", scored))
     best = config.training_params.best_metric
-    if best not in metrics:
+    if metrics.get(best) is None:  # absent, or null on labelled trials: the model never produces it
         known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise ContractError(f"training_params.best_metric '{best}' is not among the metrics validation reports for "
                             f"{name} ({known})")

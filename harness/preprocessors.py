@@ -1,6 +1,7 @@
-"""Data preprocessors of the reference trainer (section 5): feature subset, train-only augmentations,
-Gaussian smoothing. Each is a registered factory returning `preprocess(batch, training) -> batch`;
-they return an updated copy of the batch and never modify its tensors in place."""
+"""Data preprocessors of the reference trainer (docs/reference.md, section 5): feature subset,
+train-only augmentations, Gaussian smoothing. Each is a registered factory returning
+`preprocess(batch, training) -> batch`; they return an updated copy of the batch and never modify
+its tensors in place."""
 
 from __future__ import annotations
 
@@ -102,8 +103,8 @@ def augment(params: AugmentParams):
     p = params
 
     def preprocess(batch, training):
-        # The reference code's order (section 5): static gain, white noise, constant offset, random
-        # walk, random cut. (The issue text lists gain after the others; the code is followed.)
+        # The reference code's order (docs/reference.md, section 5): static gain, white noise,
+        # constant offset, random walk, random cut.
         # Draws come from torch's global RNG on the batch's device, so a resumed run that restores
         # the RNG state replays them; the reference draws the cut with numpy instead.
         if not training:

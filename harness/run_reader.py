@@ -1,6 +1,6 @@
 """Reading finished run folders for `compare`: metrics, meta, per-trial rows, logged scalars.
 
-Only the files of the results contract (design.md) are read, so runs of any model, written by
+Only the files of the results contract (docs/contracts.md) are read, so runs of any model, written by
 `run` or `evaluate`, load the same way.
 """
 

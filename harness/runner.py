@@ -1,7 +1,7 @@
 """One run, end to end, and the evaluation of a saved checkpoint.
 
-config (+ --set) -> config setter -> data -> preprocessors -> model -> training -> decoding of the
-evaluation splits -> per-trial rows -> metrics -> run folder, `DONE` last.
+config (+ --set) -> data -> preprocessors -> n_days/n_features filled, config setter -> model -> pre-flight
+check -> training -> decoding of the evaluation splits -> per-trial rows -> metrics -> run folder, `DONE` last.
 
 Under torchrun every rank runs these functions: all of them read the data, build the model, train
 and decode their share; rank 0 alone makes the run folder (and tells the others its path), logs to

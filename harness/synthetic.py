@@ -1,4 +1,4 @@
-"""Synthetic neural data in the exact Brain-to-Text '25 file format (reference section 1).
+"""Synthetic neural data in the exact Brain-to-Text '25 file format (docs/reference.md, section 1).
 
 The embedded dataset lets everything run without the real data. It is synthetic and named so
 (sessions `synth.YYYY.MM.DD`), but built to be learnable the way the real data is:
@@ -46,7 +46,7 @@ SPLITS = ("train", "val", "test")
 HELDOUT_FRACTION = 0.125  # of each session's trials, for val and for test
 TRAIN_BLOCK_TRIALS = 20
 REPORT_NAME = "synth_report.json"
-REAL_SESSION_DATES = (  # reference section 1, in day-index order
+REAL_SESSION_DATES = (  # docs/reference.md, section 1, in day-index order
     "2023.08.11 2023.08.13 2023.08.18 2023.08.20 2023.08.25 2023.08.27 2023.09.01 2023.09.03 "
     "2023.09.24 2023.09.29 2023.10.01 2023.10.06 2023.10.08 2023.10.13 2023.10.15 2023.10.20 "
     "2023.10.22 2023.11.03 2023.11.04 2023.11.17 2023.11.19 2023.11.26 2023.12.03 2023.12.08 "

@@ -5,7 +5,7 @@ needed, else the tests skip and say why) and starts a munged, slurmctld and slur
 localhost: its own munge socket and free ports, so that concurrent test sessions never meet; a
 slurm.conf, state and spool under a temp folder; no cgroups, no systemd (proctrack/linuxproc,
 task/none). At the end it cancels its jobs and stops exactly the daemons it started, by PID.
-Facts behind the settings: ../shared/docs/local-slurm.md.
+Facts behind the settings: docs/local-slurm.md.
 Hand-written because no maintained pytest plugin starts a slurm (they all expect a cluster).
 """
 

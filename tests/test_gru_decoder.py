@@ -1,4 +1,4 @@
-"""The shared GRU encoder (reference section 3): day layers, patching, lengths, init, packing."""
+"""The shared GRU encoder (docs/reference.md, section 3): day layers, patching, lengths, init, packing."""
 
 import pytest
 import torch

@@ -65,8 +65,8 @@ def lm_folders(tmp_path_factory):
 def build(folder, lora=0, checkpointing=False, targets=None, stats=None, **overrides):
     lm = LMParams(name_or_path=str(folder), lora=LoRAParams(r=lora), gradient_checkpointing=checkpointing)
     p = LLMDecoderParams(n_days=1, n_features=8, n_units=12, n_layers=1, patch_size=4, patch_stride=2,
-                         input_dropout=0.0, rnn_dropout=0.0, pack_sequences=False, lm=lm, prompt="<s>",
-                         **overrides)
+                         input_dropout=0.0, rnn_dropout=0.0, pack_sequences=False, lm=lm,
+                         **{"prompt": "<s>", **overrides})
     torch.manual_seed(0)
     return LLMDecoder(p, load_language_model(lm, None, "unused"), targets, stats)
 
@@ -312,3 +312,46 @@ def test_full_size_config_builds_and_decodes_with_tiny_qwen2_audio_and_mms_tts(s
     assert metrics["lm_route"] == "qwen2_audio" and metrics["lm_pretrained"] is True
     assert metrics["targets"] == "mms_tts+qwen2_audio" and metrics["lora_rank"] == 8
     assert len(read_rows(run_dir)) == metrics["n_trials"] > 0
+
+
+class BoostedHead(torch.nn.Module):
+    """The LM's output head with some tokens made far likelier, so that counting them moves a loss."""
+
+    def __init__(self, head, favoured: list[int]):
+        super().__init__()
+        self.head, self.favoured = head, sorted(set(favoured))
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.favoured] += 10.0
+        return logits
+
+
+def test_the_cross_entropy_counts_sentence_and_end_tokens_never_prompt_tokens(lm_folders):
+    """model.loss with a several-token prompt and a prompt_after, against the cross-entropy computed by
+    hand from the LM's logits on each trial alone: only the sentence tokens and the end token count."""
+    model = build(lm_folders / "causal", prompt="I want to", prompt_after=" go home now").eval()
+    n_p, n_a = len(model.prompt_ids), len(model.after_ids)
+    assert n_p >= 2 and n_a >= 1
+    model.lm.lm_head = BoostedHead(model.lm.lm_head, model.prompt_ids + model.after_ids)  # prompts: near-0 NLL
+    batch = batch_of(SENTENCES[1:4])
+    with torch.no_grad():
+        lm_ce = model.loss(batch)["lm_ce"]
+        emb, _, lengths = model(batch.features, batch.lengths, batch.day_indices)
+        brain, brain_lengths = model.to_lm_space(emb, lengths)
+        prompt, after = model.context()
+        sentence, with_prompt = [0.0, 0], [0.0, 0]
+        for b, (n, ids) in enumerate(zip(brain_lengths.tolist(), model.sentence_ids(batch.sentences))):
+            alone = torch.cat([prompt, brain[b, :n], after, model.embed_tokens(ids)])
+            nll = -model.lm(inputs_embeds=alone[None]).logits[0, :-1].log_softmax(-1)  # row t predicts t + 1
+            start = n_p + n + n_a
+            sentence[0] += nll[start - 1:].gather(1, torch.tensor(ids)[:, None]).sum()
+            sentence[1] += len(ids)
+            # what a loss that also read the prompt tokens (the first has no predecessor) and
+            # prompt_after would add: it must be told apart
+            with_prompt[0] += nll[: n_p - 1].gather(1, torch.tensor(model.prompt_ids[1:])[:, None]).sum()
+            with_prompt[0] += nll[n_p + n - 1: start - 1].gather(1, torch.tensor(model.after_ids)[:, None]).sum()
+            with_prompt[1] += n_p - 1 + n_a
+    torch.testing.assert_close(lm_ce, sentence[0] / sentence[1], rtol=1e-4, atol=1e-5)
+    wrong = (sentence[0] + with_prompt[0]) / (sentence[1] + with_prompt[1])
+    assert lm_ce > wrong + 1.0  # the prompt tokens are the easy ones

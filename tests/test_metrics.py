@@ -306,3 +306,137 @@ def test_percentile_bootstrap_resamples_trials_together():
     assert lo == hi == 0.0
     lo, hi = metrics.percentile_bootstrap((x,), lambda a, axis=-1: a.mean(axis), n_resamples=2000)
     assert lo < x.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * x.std() / np.sqrt(50), rel=0.2)
+
+
+# --------------------------------------------------------------------------- bootstrap seed and level
+
+
+def _spread_rows(n=120, seed=0):
+    """Rows of two sessions with varied per/wer/cer errors."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        counts = rng.integers(3, 30, 3)
+        edits = rng.binomial(counts, 0.3)
+        rows.append(_row(f"s{i % 2}", *zip(edits.tolist(), counts.tolist())))
+    return rows
+
+
+def _cis(out):
+    """Every interval of a split_metrics result, overall and per session."""
+    keys = [f"{name}_ci" for name in metrics.METRICS]
+    return {"all": [out[k] for k in keys],
+            **{session: [m[k] for k in keys] for session, m in out["by_session"].items()}}
+
+
+def test_split_metrics_honours_the_bootstrap_seed():
+    rows = [{**row, "true_rank": 1 + 6 * (i % 3)} for i, row in enumerate(_spread_rows())]  # ranks 1, 7, 13
+    seed0, seed7 = split_metrics(rows, seed=0, n_resamples=500), split_metrics(rows, seed=7, n_resamples=500)
+    assert split_metrics(rows, seed=7, n_resamples=500) == seed7  # reproducible
+    for part, intervals in _cis(seed0).items():  # every interval moves with the seed, sessions included
+        for a, b in zip(intervals, _cis(seed7)[part]):
+            assert a != b, part
+
+    def retrieval_cis(out, session=None):  # hit rates are coarse (k / 60): one of the two may tie
+        m = out if session is None else out["retrieval_by_session"][session]
+        return m["retrieval_top1_ci"], m["retrieval_top10_ci"]
+
+    for session in (None, "s0", "s1"):
+        assert retrieval_cis(seed0, session) != retrieval_cis(seed7, session), session
+    assert seed0["per"] == seed7["per"] and seed0["retrieval_top1"] == seed7["retrieval_top1"]  # estimates stay
+
+
+def test_configured_bootstrap_seed_reaches_the_split_metrics(small_dataset):
+    """evaluation.bootstrap_seed, through the config, decode_splits and evaluate_split, is the seed of
+    every interval in metrics.json: the run's CIs are split_metrics' own with that seed."""
+    import torch
+
+    from config import load_config
+    from harness import runner
+    from harness.data import FeatureStore
+    from harness.plugins import load_plugins
+    from tests.conftest import TINY_CONFIG
+    from tests.tiny_plugin import TinyCTC
+
+    class TextTiny(TinyCTC):
+        """TinyCTC's phonemes, and a text missing 0, 1 or 2 words of the reference."""
+
+        def decode(self, batch):
+            rows = super().decode(batch)
+            for row, trial in zip(rows, batch.trials):
+                row["predicted_text"] = " ".join(trial.sentence.split()[trial.trial_num % 3:])
+            return rows
+
+    load_plugins()
+
+    def decode(seed):
+        config = load_config(TINY_CONFIG, [f"data_params.data_dir={small_dataset}", "evaluation.splits=[val]",
+                                           f"evaluation.bootstrap_seed={seed}", "evaluation.bootstrap_resamples=300"])
+        trials, preprocessors = runner.prepare_data(config, ["val"])
+        torch.manual_seed(0)
+        model = TextTiny(config.model_params)
+        stores = {"val": FeatureStore(trials["val"], preload=False)}
+        rows, out = runner.decode_splits(model, config, trials, stores, preprocessors, torch.device("cpu"))
+        return rows, out["val"]
+
+    rows, seed0 = decode(0)
+    again, seed7 = decode(7)
+    assert again == rows  # the same model and trials: only the seed differs
+    expected0, expected7 = (split_metrics(rows, seed=s, n_resamples=300) for s in (0, 7))
+    assert _cis(expected0)["all"] != _cis(expected7)["all"]  # the data can tell the seeds apart
+    assert expected0["wer"] is not None and expected0["per"] is not None
+    assert _cis(seed0) == _cis(expected0)
+    assert _cis(seed7) == _cis(expected7)
+
+
+def test_ci_is_a_95_percent_interval():
+    """Hits of 1000 trials, 300 of them right: every bootstrap resample's ratio is Binomial(1000, 0.3)
+    / 1000, whose 2.5% and 97.5% quantiles are 0.272 and 0.329 (0.276 and 0.324 for a 90% interval).
+    Checked on every interval the harness reports: per/wer/cer, per session, retrieval top-1."""
+    from scipy import stats
+
+    n, hits = 1000, 300
+    expected = stats.binom.ppf([0.025, 0.975], n, hits / n) / n
+    ninety = stats.binom.ppf([0.05, 0.95], n, hits / n) / n
+    assert np.abs(expected - ninety).min() >= 0.003  # what the tolerance below must tell apart
+    right = np.arange(n) < hits
+    rows = [{**_row("s1", *[(int(not r), 1)] * 3), "true_rank": 1 if r else 2} for r in right]
+    out = split_metrics(rows, seed=0, n_resamples=10_000)
+    for interval in _cis(out)["all"] + _cis(out)["s1"] + [out["retrieval_top1_ci"]]:
+        lo, hi = interval
+        if interval is out["retrieval_top1_ci"]:
+            assert (lo, hi) == pytest.approx(expected, abs=0.0015)
+        else:  # error rates: the misses, 0.7
+            assert (lo, hi) == pytest.approx(1 - expected[::-1], abs=0.0015)
+    assert bootstrap_ci(1 - right, np.ones(n), seed=1) == pytest.approx(1 - expected[::-1], abs=0.0015)
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_metrics_from_true_rank():
+    ranks = {"s1": [1, 3, 12], "s2": [1, 1, None, 20]}  # None: the sentence was not a candidate
+    rows = [{**_row(session, None, (0, 1), (0, 1)), "true_rank": rank}
+            for session, rs in ranks.items() for rank in rs]
+    rows[1]["true_rank"] = "3"  # as read back from per_trial.csv
+    rows[5]["true_rank"] = ""
+    out = split_metrics(rows, n_resamples=200)
+    assert out["retrieval_top1"] == pytest.approx(3 / 6)  # six ranked trials
+    assert out["retrieval_top10"] == pytest.approx(4 / 6)
+    assert out["median_true_rank"] == 2.0  # of 1 1 1 3 12 20
+    lo, hi = out["retrieval_top1_ci"]
+    assert lo <= 0.5 <= hi and lo < hi
+    s1, s2 = out["retrieval_by_session"]["s1"], out["retrieval_by_session"]["s2"]
+    assert (s1["retrieval_top1"], s1["retrieval_top10"], s1["median_true_rank"]) == pytest.approx((1 / 3, 2 / 3, 3.0))
+    assert (s2["retrieval_top1"], s2["retrieval_top10"], s2["median_true_rank"]) == pytest.approx((2 / 3, 2 / 3, 1.0))
+    assert out == {**split_metrics([{k: v for k, v in r.items() if k != "true_rank"} for r in rows], n_resamples=200),
+                   **metrics.retrieval_metrics(rows, n_resamples=200)}
+    json.dumps(out)
+
+
+def test_no_retrieval_keys_without_true_rank():
+    plain = [_row("s1", (1, 4), (1, 2), (1, 8)), _row("s2", (0, 4), (0, 2), (0, 8))]
+    unranked = [{**row, "true_rank": rank} for row, rank in zip(plain, (None, ""))]
+    for rows in (plain, unranked):
+        out = split_metrics(rows, n_resamples=100)
+        assert not [key for key in out if "retrieval" in key or "rank" in key]

@@ -1,4 +1,4 @@
-"""The optimizer groups and the learning-rate schedule of the training loop (reference section 4)."""
+"""The optimizer groups and the learning-rate schedule of the training loop (docs/reference.md, section 4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Word decoding (ctc_baseline.word_decoding and its parts): the Kneser-Ney ARPA builder read back
+"""Word decoding (the word_decoding package): the Kneser-Ney ARPA builder read back
 through KenLM, the lexicon, the flashlight beam search against a brute-force oracle, LLM rescoring
 with a tiny causal LM built from a config, and a CTC baseline run that reports WER and writes text."""
 

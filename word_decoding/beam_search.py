@@ -1,7 +1,7 @@
 """CTC beam search over words: flashlight-text's LexiconDecoder with a KenLM n-gram inside.
 
 The search is the library's; this module only sets it up the way the reference's WFST decoder is
-set up (reference section 8), with the same parameter meanings:
+set up (docs/reference.md, section 8), with the same parameter meanings:
 
 - emissions are `acoustic_scale * log_softmax(logits)`, the blank's log-probability first lowered
   by log(blank_penalty);
@@ -37,8 +37,8 @@ UNK = "<unk>"
 
 @dataclass
 class BeamSearchParams:
-    """The search's knobs; names and meanings follow the reference's decoder (section 8). The
-    defaults are the untuned probabilistic combination (log p(phonemes) + log p(words)); the
+    """The search's knobs; names and meanings follow the reference's decoder (docs/reference.md,
+    section 8). The defaults are the untuned probabilistic combination (log p(phonemes) + log p(words)); the
     reference tuned acoustic_scale 0.325 and blank_penalty 90 for its model (configs/ctc_baseline/b2txt25.yml)."""
 
     acoustic_scale: float = 1.0  # weight of the phoneme log-probabilities against the LM

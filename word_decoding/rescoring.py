@@ -2,7 +2,7 @@
 
     total = acoustic_scale * acoustic + (1 - alpha) * ngram + alpha * llm
 
-(reference section 8; acoustic and ngram come from the beam search, natural logs; llm is the causal
+(docs/reference.md, section 8; acoustic and ngram come from the beam search, natural logs; llm is the causal
 LM's log-probability of the hypothesis' tokens). As in the reference, the LLM scores every token
 after the first given the tokens before it, the first being the tokenizer's beginning-of-sequence
 token (added here when the tokenizer does not add one itself), and the text is the lowercase words.
