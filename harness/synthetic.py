@@ -64,7 +64,7 @@ class SynthParams:
 
     The defaults make the data learnable but not trivial: a linear read-out of one z-scored bin
     labels about 3/4 of a session's held-out frames right (chance, always "rest", about 1/5),
-    but only about half of another session's (tests/test_synthetic.py measures both).
+    but only about half of another session's (tests/harness/test_synthetic.py measures both).
     """
     vowel_bins: float = 6.5  # mean phoneme durations, 20 ms bins
     consonant_bins: float = 4.0

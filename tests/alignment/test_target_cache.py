@@ -9,7 +9,7 @@ import pytest
 
 from alignment.cache import TargetCache
 from alignment.targets import TargetParams, build_target_maker, resolve_target_params
-from tests.test_audio_targets import one_torch_thread  # noqa: F401  (autouse: one torch thread here too)
+from tests.alignment.test_audio_targets import one_torch_thread  # noqa: F401  (autouse: one torch thread here too)
 
 SENTENCES = ["I want to go home now.", "The dog finds a red ball.", "Can you bring my coat?"]
 

@@ -28,7 +28,7 @@ from harness.preprocessors import (
 from harness.runner import fill_data_fields
 from word_decoding import greedy_phonemes
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "b2txt25_tiny"
+FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "b2txt25_tiny"
 SMALL = dict(n_days=3, n_features=8, n_units=12, n_layers=2, patch_size=5, patch_stride=2)
 
 

@@ -10,7 +10,7 @@ from audio_alignment.model import GRUAlign, GRUAlignParams
 from config import EvaluationParams
 from harness.evaluation import trial_row
 from harness.metrics import split_metrics
-from tests.test_gru_align import HeldTargets, make_batch
+from tests.audio_alignment.test_gru_align import HeldTargets, make_batch
 
 D = 4
 E = torch.eye(D)

@@ -1,4 +1,4 @@
-"""`run --launcher slurm` against a real one-node slurm (tests/slurm_cluster.py): a job writes a
+"""`run --launcher slurm` against a real one-node slurm (tests/harness/slurm_cluster.py): a job writes a
 complete run folder, a sweep is a capped job array, a job submitted by `make ... LAUNCHER=slurm`
 survives `scontrol requeue` and submitit's preemption signal and ends exactly like an uninterrupted
 run, and a finished run is never run again.
@@ -22,7 +22,7 @@ import main
 from config import SlurmParams, load_config
 from harness.launch import expand_sweeps, make_executor
 from tests.conftest import REPO_ROOT, TINY_CONFIG, make_trials, write_split
-from tests.slurm_cluster import slurm_cluster, wait_for  # noqa: F401 (slurm_cluster is a fixture)
+from tests.harness.slurm_cluster import slurm_cluster, wait_for  # noqa: F401 (slurm_cluster is a fixture)
 
 SUBMITTED = re.compile(r"^submitted slurm job (\S+): run folder (.+), log (.+)$", re.M)
 LONG = ["training_params.num_steps=2000", "training_params.checkpoint_every=25", "training_params.val_every=500"]

@@ -316,7 +316,7 @@ def test_precompute_benchmark_runs(tmp_path, capsys):
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "target_precompute.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "target_precompute.py"
     spec = importlib.util.spec_from_file_location("target_precompute", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench

@@ -18,8 +18,8 @@ from harness import runner
 from harness.batching import Batch
 from harness.data import Trial
 from harness.errors import UserError
+from tests.alignment.test_audio_targets import qwen2_folders, tiny_vits  # noqa: F401  (fixtures)
 from tests.conftest import REPO_ROOT
-from tests.test_audio_targets import qwen2_folders, tiny_vits  # noqa: F401  (fixtures)
 
 CONFIGS = REPO_ROOT / "configs" / "gru_align"
 

@@ -20,9 +20,9 @@ from llm_decoder.language_model import LMParams, LoRAParams, load_language_model
 from llm_decoder.model import GenerationParams, LLMDecoder, LLMDecoderParams
 from llm_decoder.sequences import IGNORE, generation_inputs, sentence_loss, shorten, training_inputs
 from llm_decoder.train_lm import TinyLMParams, train_tokenizer
+from tests.alignment.test_audio_targets import tiny_vits  # noqa: F401  (fixture)
+from tests.audio_alignment.test_gru_align import HeldTargets, make_batch
 from tests.conftest import REPO_ROOT
-from tests.test_audio_targets import tiny_vits  # noqa: F401  (fixture)
-from tests.test_gru_align import HeldTargets, make_batch
 
 CONFIGS = REPO_ROOT / "configs" / "llm_decoder"
 SENTENCES = ["I want to go home now.", "The dog sleeps outside.", "Can you bring me some tea?", "It is cold today."]
