@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     syn.add_argument("--trials", type=int, help="trials per session, all splits together")
     syn.add_argument("--seed", type=int, help="random seed (same seed, same bytes)")
     syn.add_argument("--corpus", help="text file, one sentence per line, replacing the built-in sentences")
+    syn.add_argument("--durations", choices=["short", "real"],
+                     help="trial lengths: short (about 2.7 s, the default) or real (about 11 s, the real data's)")
+    syn.add_argument("--preset", choices=["b2txt25"],
+                     help="the real dataset's shape: 45 sessions with the real names, 10,948 trials, real durations "
+                          "(about 11 GB; takes the place of --sessions and --trials)")
 
     dl = commands.add_parser("download", help="fetch the Brain-to-Text '25 data and baseline checkpoint from Dryad",
                              description="Fetch the Brain-to-Text '25 dataset from Dryad (API v2), resuming and verifying "
@@ -98,7 +103,10 @@ def dispatch(args: argparse.Namespace) -> int:
     elif args.command == "synth":
         from harness.synthetic import write_synthetic_dataset
 
-        given = {"n_sessions": args.sessions, "trials_per_session": args.trials, "seed": args.seed, "corpus_path": args.corpus}
+        if args.preset and (args.sessions or args.trials):
+            raise UserError(f"--preset {args.preset} fixes the sessions and trials: drop --sessions and --trials")
+        given = {"n_sessions": args.sessions, "trials_per_session": args.trials, "seed": args.seed, "corpus_path": args.corpus,
+                 "durations": args.durations, "preset": args.preset}
         report = write_synthetic_dataset(args.out, **{k: v for k, v in given.items() if v is not None})
         print(f"wrote {args.out}: {synth_summary(report)}")
     elif args.command == "download":
@@ -116,7 +124,10 @@ def synth_summary(report: dict) -> str:
     for t in trials:
         by_split[t["split"]] = by_split.get(t["split"], 0) + 1
     sessions = len({t["session"] for t in trials})
-    return f"{sessions} sessions, " + ", ".join(f"{n} {s}" for s, n in by_split.items()) + " trials"
+    steps = report["durations"]["n_time_steps"]
+    return (f"{sessions} sessions, " + ", ".join(f"{n} {s}" for s, n in by_split.items()) + " trials"
+            + f"; {report['durations']['name']} durations: mean {steps['mean']:g} bins, median {steps['p50']:g}, "
+              f"95th percentile {steps['p95']:g}")
 
 
 def print_registries() -> None:

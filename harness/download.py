@@ -49,6 +49,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
@@ -101,6 +102,10 @@ class RemoteFile:
 class _Interrupted(Exception):
     """A download stopped before its last byte (connection lost, timed out, range refused): resumable."""
 
+    def __init__(self, why: str, received: int = 0):
+        super().__init__(why)
+        self.received = received  # bytes that did arrive before it stopped
+
 
 def download(dest: str | Path = DEFAULT_DEST, base_url: str = DEFAULT_BASE_URL, files: list[str] | None = None,
              doi: str = DEFAULT_DOI, keep_zips: bool = False, env: Mapping[str, str] | None = None,
@@ -137,6 +142,8 @@ def download(dest: str | Path = DEFAULT_DEST, base_url: str = DEFAULT_BASE_URL, 
             record["files"][entry.name] = _fetch_file(session, token, base_url, dest, entry, keep_zips, retries)
             record["files"][entry.name]["fetched"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             _write_record(dest, record)
+        with contextlib.suppress(OSError):
+            (dest / PARTIAL_DIR).rmdir()  # if empty
         _say(f"done: {len(todo)} fetched, {len(chosen) - len(todo)} in place, in {dest}")
         return record
 
@@ -146,9 +153,9 @@ def download(dest: str | Path = DEFAULT_DEST, base_url: str = DEFAULT_BASE_URL, 
 def _session() -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = "b2t-bench-download (https://datadryad.org/api client; requests)"
-    # Failed connects once more, and 429/5xx answers up to 4 times with backoff and Retry-After;
+    # Failed connects and reads of the answer's head once more, 429/5xx answers up to 4 times with backoff and Retry-After;
     # an interrupted body is not urllib3's to retry: _fetch resumes it with a Range request.
-    retry = Retry(total=4, connect=1, read=0, status=4, backoff_factor=2, backoff_max=60,
+    retry = Retry(total=4, connect=1, read=1, status=4, backoff_factor=2, backoff_max=60,
                   status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET",), raise_on_status=False)
     adapter = HTTPAdapter(max_retries=retry)
     session.mount("http://", adapter)
@@ -340,7 +347,7 @@ def _fetch(session: requests.Session, token: _TokenSource, base_url: str, entry:
                 break
             why = "the answer ended early" if now < entry.size else "the server sent more bytes than the listing says"
         except _Interrupted as error:
-            why = str(error)
+            why, received = str(error), received + error.received
         attempts += 1
         if attempts > retries:
             kept = part.stat().st_size if part.exists() else 0
@@ -382,13 +389,13 @@ def _fetch_once(session: requests.Session, token: _TokenSource, entry: RemoteFil
             with open(part, "ab" if have else "wb") as out, tqdm(
                     total=entry.size, initial=have, unit="B", unit_scale=True, unit_divisor=1000, desc=entry.name,
                     disable=None, dynamic_ncols=True, leave=False) as bar:
-                for chunk in response.iter_content(CHUNK):
+                for chunk in _body(response):
                     _write_chunk(out, chunk)
                     digest.update(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
-        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as error:
-            raise _Interrupted(type(error).__name__) from None
+        except (urllib3.exceptions.HTTPError, requests.RequestException) as error:
+            raise _Interrupted(type(error).__name__, written) from None
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 kept = part.stat().st_size if part.exists() else 0
@@ -397,6 +404,13 @@ def _fetch_once(session: requests.Session, token: _TokenSource, entry: RemoteFil
                                 f"to resume") from None
             raise
     return written
+
+
+def _body(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives. Not response.iter_content: urllib3's read(amt) loses the bytes of a short
+    last read when the connection breaks, and a resume would then fetch them again; read1 hands them over."""
+    while chunk := response.raw.read1(CHUNK):
+        yield chunk
 
 
 def _write_chunk(out, chunk: bytes) -> None:

@@ -20,8 +20,10 @@ in train, and the first session has train data only (when there are 3 sessions o
 Same seed -> byte-identical files.
 """
 
+import csv
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
@@ -54,6 +56,36 @@ REAL_SESSION_DATES = (  # docs/reference.md, section 1, in day-index order
     "2024.04.25 2024.04.28 2024.05.10 2024.06.14 2024.07.19 2024.07.21 2024.07.28 2025.01.10 "
     "2025.01.12 2025.03.14 2025.03.16 2025.03.30 2025.04.13"
 ).split()
+REAL_SESSIONS = tuple(f"t15.{d}" for d in REAL_SESSION_DATES)
+# Synthetic post-implant days count from this date (an assumption: the real implant date is not in
+# our sources; the real data's days come from its description CSV)
+SYNTH_IMPLANT_DATE = datetime.date(2023, 7, 11)
+DESCRIPTION_NAME = "t15_copyTaskData_description.csv"  # the real dataset's per-block description
+DESCRIPTION_COLUMNS = ("Date", "Post-implant day", "Block number", "Number of sentences", "Corpus", "Split")
+# The real dataset's corpora by name. Their shares of the blocks are assumed (the real ones are in
+# the description CSV, which our sources do not quote); the synthetic sentences of every corpus come
+# from the same built-in generator, so a per-corpus breakdown of synthetic data tests the plumbing only.
+CORPORA = {"Switchboard": 0.55, "Openwebtext": 0.15, "Harvard": 0.10, "50-Word": 0.08, "Freq words": 0.07,
+           "Random": 0.05}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A dataset shape `synth --preset` writes in one go."""
+    sessions: tuple[str, ...]
+    n_trials: int  # all sessions and splits together
+    train_only: tuple[str, ...]  # sessions without val/test
+    heldout_fraction: float  # of each other session's trials, for val and for test each
+    durations: str
+
+
+# The real dataset's shape (docs/reference.md section 1): 45 sessions with their real names and day
+# order, 10,948 trials (about 8,071 train, 1,426 val, 1,450 test), 4 sessions without val/test, real
+# durations. What the scale benchmarks run on: about 11 GB, like the real data.
+PRESETS = {
+    "b2txt25": Preset(REAL_SESSIONS, 10_948,
+                      ("t15.2023.08.11", "t15.2024.03.03", "t15.2024.04.25", "t15.2024.04.28"), 0.144, "real"),
+}
 _VOWELS = {"AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH",
            "UW"}
 
@@ -88,6 +120,24 @@ class SynthParams:
     drift_gain: float = 0.5  # session per-channel tuning gain: exp(N(0, drift_gain^2))
     drift_offset: float = 0.3  # session per-channel baseline offset (log scale)
     block_offset: float = 0.2  # per-block baseline offset (log scale), removed by z-scoring
+    # None: speech as fast as the phoneme durations above make it ("short" trials, about 2.7 s);
+    # a number: every sentence's speech stretched to this many words per minute (times the
+    # per-trial rate jitter), keeping the relative phoneme durations ("real" trials)
+    words_per_minute: float | None = None
+
+
+BIN_SECONDS = 0.02
+# Trial durations (`synth --durations`). "short": the embedded default, trials of 64-249 bins
+# (mean about 137, 2.7 s), fast to train on a laptop. "real": the real data's durations: 11 GB of
+# float32 features (2 KiB per 512-wide bin) over 10,948 trials is about 490 bins (9.8 s) per trial;
+# the participant speaks at about 32 words per minute (the dataset's description); before speech,
+# a rest of 0.5-1.5 s (the time from the go cue to the first phoneme, assumed: the dataset does not
+# say), after it 0.2-0.5 s. With the built-in sentences (3-8 words, mean 5.5) that gives trials of
+# about 560 bins on average (synth_report.json lists the mean and percentiles of every dataset).
+DURATIONS = {
+    "short": SynthParams(),
+    "real": SynthParams(words_per_minute=32.0, rest_before=(25, 75), rest_after=(10, 25)),
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +156,7 @@ class DatasetPlan:
     sessions: list[str]
     trials: list[list[TrialPlan]]  # per session, in file order (block, then trial)
     corpus: dict | None  # corpus statistics for the report; None for the built-in sentences
+    block_corpora: list[dict[int, str]]  # per session: block number -> corpus name (CORPORA)
 
 
 @dataclass
@@ -145,9 +196,9 @@ def session_names(n: int) -> list[str]:
     return [f"synth.{d}" for d in (*dates, *(e.strftime("%Y.%m.%d") for e in extra))]
 
 
-def split_counts(n_trials: int, heldout: bool) -> dict[str, int]:
+def split_counts(n_trials: int, heldout: bool, fraction: float = HELDOUT_FRACTION) -> dict[str, int]:
     """About 75/12.5/12.5 %, at least one val and one test trial when the session has them."""
-    n_held = max(1, round(n_trials * HELDOUT_FRACTION)) if heldout else 0
+    n_held = max(1, round(n_trials * fraction)) if heldout else 0
     return {"train": n_trials - 2 * n_held, "val": n_held, "test": n_held}
 
 
@@ -214,8 +265,11 @@ def _split_sentences(pool: list[str], totals: dict[str, int],
 
 def plan_dataset(n_sessions: int, trials_per_session: int, seed: int,
                  corpus_path: str | Path | None = None,
-                 params: SynthParams | None = None) -> DatasetPlan:
-    """Sessions, blocks and the sentence of every trial; UserError for impossible requests."""
+                 params: SynthParams | None = None, preset: Preset | None = None) -> DatasetPlan:
+    """Sessions, blocks and the sentence of every trial; UserError for impossible requests.
+    With a preset, its sessions and trial counts replace n_sessions and trials_per_session."""
+    if preset is not None:
+        n_sessions, trials_per_session = len(preset.sessions), preset.n_trials // len(preset.sessions)
     if n_sessions < 1:
         raise UserError(f"the number of sessions must be at least 1 (got {n_sessions})")
     if trials_per_session < 3:
@@ -224,9 +278,15 @@ def plan_dataset(n_sessions: int, trials_per_session: int, seed: int,
     if seed < 0:
         raise UserError(f"the seed must be a non-negative integer (got {seed})")
     rng = _rng(seed, 1)
-    sessions = session_names(n_sessions)
-    counts = [split_counts(trials_per_session, heldout=not (i == 0 and n_sessions >= 3))
-              for i in range(n_sessions)]
+    if preset is None:
+        sessions = session_names(n_sessions)
+        counts = [split_counts(trials_per_session, heldout=not (i == 0 and n_sessions >= 3))
+                  for i in range(n_sessions)]
+    else:
+        sessions = list(preset.sessions)
+        extra = preset.n_trials - trials_per_session * n_sessions  # the first sessions get one more
+        counts = [split_counts(trials_per_session + (i < extra), s not in preset.train_only, preset.heldout_fraction)
+                  for i, s in enumerate(sessions)]
     totals = {s: sum(c[s] for c in counts) for s in SPLITS}
     corpus = None
     if corpus_path is None:
@@ -239,7 +299,16 @@ def plan_dataset(n_sessions: int, trials_per_session: int, seed: int,
         plans = [TrialPlan(split, block_num, t, next(sentences[split]))
                  for block_num, split, n in sorted(_blocks(c, rng)) for t in range(n)]
         trials.append(plans)
-    return DatasetPlan(seed, params or SynthParams(), sessions, trials, corpus)
+    return DatasetPlan(seed, params or SynthParams(), sessions, trials, corpus, _block_corpora(trials, seed))
+
+
+def _block_corpora(trials: list[list[TrialPlan]], seed: int) -> list[dict[int, str]]:
+    """A corpus name per block, drawn with CORPORA's shares from a stream of its own (the data
+    of a seed is the same with or without it)."""
+    rng = _rng(seed, 3)
+    names, shares = list(CORPORA), np.array(list(CORPORA.values()))
+    return [{b: names[rng.choice(len(names), p=shares / shares.sum())] for b in sorted({t.block_num for t in plans})}
+            for plans in trials]
 
 
 # ---------------------------------------------------------------- neural model
@@ -277,8 +346,12 @@ def _frame_ids(ids: list[int], rng: np.random.Generator, p: SynthParams) -> np.n
     symbols = [PHONEMES[i] for i in ids]
     means = np.array([p.vowel_bins if s in _VOWELS else p.sil_bins if s == "SIL"
                       else p.consonant_bins for s in symbols])
-    means *= np.exp(p.rate_jitter * rng.normal())
+    jitter = np.exp(p.rate_jitter * rng.normal())
+    means *= jitter
     durations = rng.gamma(p.duration_shape, means / p.duration_shape)
+    if p.words_per_minute:  # the words (one SIL after each) at the target rate, jittered like the means
+        n_words = max(1, sum(s == "SIL" for s in symbols))
+        durations *= n_words * 60 / p.words_per_minute / BIN_SECONDS * jitter / durations.sum()
     # The baseline's stride-4 patching gives T/4 output frames; CTC needs one per label at
     # least, so never speak faster than 4.5 bins per phoneme on average.
     durations *= max(1.0, 4.5 * len(ids) / durations.sum())
@@ -372,6 +445,21 @@ def _write_split(path: Path, trials: list[SynthTrial], labeled: bool) -> None:
                 g.attrs["sentence_label"] = t.sentence_label
 
 
+def _write_description(path: Path, plan: DatasetPlan) -> None:
+    """The per-block description CSV in the real dataset's columns (the synthetic blocks, dates from
+    the session names, post-implant days from SYNTH_IMPLANT_DATE, corpora from the plan)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(DESCRIPTION_COLUMNS)
+    for session, plans, corpora in zip(plan.sessions, plan.trials, plan.block_corpora):
+        date = datetime.datetime.strptime(session.split(".", 1)[1], "%Y.%m.%d").date()
+        for block in sorted(corpora):
+            in_block = [t for t in plans if t.block_num == block]
+            writer.writerow([date.isoformat(), (date - SYNTH_IMPLANT_DATE).days, block, len(in_block), corpora[block],
+                             in_block[0].split])
+    path.write_text(buffer.getvalue())
+
+
 def _trial_report(t: SynthTrial, file: str, n: int) -> dict:
     return {"file": file, "trial": f"trial_{n:04d}", "split": t.split, "session": t.session,
             "block_num": t.block_num, "trial_num": t.trial_num,
@@ -397,7 +485,8 @@ def _write_report(path: Path, report: dict) -> None:
 def write_synthetic_dataset(out_dir: str | Path, n_sessions: int = 8,
                             trials_per_session: int = 100, seed: int = 0,
                             corpus_path: str | Path | None = None,
-                            params: SynthParams | None = None) -> dict:
+                            params: SynthParams | None = None, durations: str | None = None,
+                            preset: str | None = None) -> dict:
     """Write `out_dir/<session>/data_{train,val,test}.hdf5` and `out_dir/synth_report.json`.
 
     `out_dir` plays the role of the real `hdf5_data_final/` and must be new or empty (stale
@@ -410,9 +499,15 @@ def write_synthetic_dataset(out_dir: str | Path, n_sessions: int = 8,
     training on a CPU and for sentence retrieval among the 84 val sentences.
     """
     out_dir = Path(out_dir)
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    chosen = PRESETS[preset] if preset else None
+    durations = durations or (chosen.durations if chosen else "short")
+    if durations not in DURATIONS:
+        raise UserError(f"unknown durations {durations!r} (known: {', '.join(DURATIONS)})")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} exists and is not an empty folder; choose a new one")
-    plan = plan_dataset(n_sessions, trials_per_session, seed, corpus_path, params)
+    plan = plan_dataset(n_sessions, trials_per_session, seed, corpus_path, params or DURATIONS[durations], chosen)
     rows = []
     for index, session in enumerate(plan.sessions):
         trials = simulate_session(plan, index)
@@ -423,11 +518,20 @@ def write_synthetic_dataset(out_dir: str | Path, n_sessions: int = 8,
                 file = f"{session}/data_{split}.hdf5"
                 _write_split(out_dir / file, in_split, labeled=split != "test")
                 rows += [_trial_report(t, file, n) for n, t in enumerate(in_split)]
+    _write_description(out_dir / DESCRIPTION_NAME, plan)
+    lengths = np.array([r["n_time_steps"] for r in rows])
     report = {
         "generator": "b2t-bench harness.synthetic (synthetic data, not recordings)",
-        "seed": seed, "n_sessions": n_sessions, "trials_per_session": trials_per_session,
+        "seed": seed, "preset": preset, "n_sessions": len(plan.sessions),
+        "trials_per_session": trials_per_session if preset is None else None,
         "corpus": plan.corpus, "params": _json_params(plan.params), "sessions": plan.sessions,
         "n_trials": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+        "durations": {"name": durations if params is None else "custom",
+                      "n_time_steps": {"mean": round(float(lengths.mean()), 1),
+                                       **{f"p{q}": float(np.percentile(lengths, q)) for q in (5, 25, 50, 75, 95)},
+                                       "max": int(lengths.max())},
+                      "seconds_mean": round(float(lengths.mean()) * BIN_SECONDS, 2)},
+        "description_csv": DESCRIPTION_NAME,
         "trials": rows,
     }
     _write_report(out_dir / REPORT_NAME, report)

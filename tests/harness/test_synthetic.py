@@ -172,7 +172,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     first = files("a", 1)
     time.sleep(1.1)  # HDF5 timestamps have 1 s resolution: a stored time would now differ
     again, other = files("b", 1), files("c", 2)
-    assert len(first) == 8 and first == again
+    assert len(first) == 9 and first == again  # 7 HDF5 files, the report, the description CSV
     assert set(other) == set(first)
     assert all(other[name] != first[name] for name in first)
 
@@ -297,3 +297,65 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path):
     (tmp_path / "out" / "old.txt").write_text("x")
     with pytest.raises(UserError, match="not an empty folder"):
         write_synthetic_dataset(tmp_path / "out", n_sessions=1, trials_per_session=4)
+
+
+# ---------------------------------------------------------------- real durations, the b2txt25 preset, the CSV
+
+def test_real_durations_have_the_real_mean_and_keep_the_phoneme_proportions(tmp_path):
+    from harness.synthetic import BIN_SECONDS, DURATIONS
+
+    report = write_synthetic_dataset(tmp_path / "real", n_sessions=2, trials_per_session=24, seed=3, durations="real")
+    lengths = np.array([r["n_time_steps"] for r in report["trials"]])
+    assert 400 <= lengths.mean() <= 700 and report["durations"]["name"] == "real"
+    assert report["durations"]["n_time_steps"]["mean"] == pytest.approx(lengths.mean(), abs=0.05)
+    assert report["durations"]["n_time_steps"]["p50"] == np.median(lengths)
+    p = DURATIONS["real"]
+    for r in report["trials"]:  # speech at about 32 words per minute between the rests
+        words = r["phoneme_ids"].count(40)
+        speech_bins = r["n_time_steps"] - p.rest_before[0] - p.rest_after[0]
+        per_minute = words / (speech_bins * BIN_SECONDS / 60)
+        assert 32 * 0.4 < per_minute < 32 * 2.0
+    short = write_synthetic_dataset(tmp_path / "short", n_sessions=2, trials_per_session=24, seed=3)
+    assert np.mean([r["n_time_steps"] for r in short["trials"]]) < lengths.mean() / 3
+    assert [r["sentence_label"] for r in short["trials"]] == [r["sentence_label"] for r in report["trials"]]
+
+
+def test_the_b2txt25_preset_has_the_real_shape():
+    from harness.synthetic import PRESETS, REAL_SESSIONS
+
+    plan = plan_dataset(0, 0, seed=0, preset=PRESETS["b2txt25"])  # the plan only: the files would be 11 GB
+    assert plan.sessions == list(REAL_SESSIONS) and len(plan.sessions) == 45 and plan.sessions[0] == "t15.2023.08.11"
+    counts = {s: sum(t.split == s for trials in plan.trials for t in trials) for s in ("train", "val", "test")}
+    assert sum(counts.values()) == 10_948
+    assert abs(counts["train"] - 8071) < 80 and abs(counts["val"] - 1426) < 40 and abs(counts["test"] - 1450) < 40
+    without = {s for s, trials in zip(plan.sessions, plan.trials) if not any(t.split != "train" for t in trials)}
+    assert without == {"t15.2023.08.11", "t15.2024.03.03", "t15.2024.04.25", "t15.2024.04.28"}
+
+
+def test_the_description_csv_has_the_real_columns_and_one_row_per_block(tmp_path):
+    import csv
+
+    from harness.synthetic import CORPORA, DESCRIPTION_COLUMNS, DESCRIPTION_NAME
+
+    report = write_synthetic_dataset(tmp_path / "d", n_sessions=3, trials_per_session=40, seed=5)
+    with open(tmp_path / "d" / DESCRIPTION_NAME, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == DESCRIPTION_COLUMNS
+    blocks = {}
+    for t in report["trials"]:
+        blocks.setdefault((t["session"], t["block_num"]), []).append(t)
+    assert len(rows) == len(blocks)
+    for row in rows:
+        trials = blocks[(f"synth.{row['Date'].replace('-', '.')}", int(row["Block number"]))]
+        assert int(row["Number of sentences"]) == len(trials) and row["Split"] == trials[0]["split"]
+        assert row["Corpus"] in CORPORA and int(row["Post-implant day"]) > 0
+    days = [int(r["Post-implant day"]) for r in rows]
+    assert days == sorted(days)  # sessions in date order
+
+
+def test_unknown_durations_or_preset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown durations 'long'"):
+        write_synthetic_dataset(tmp_path / "a", durations="long")
+    with pytest.raises(UserError, match="unknown preset 'b2txt26'"):
+        write_synthetic_dataset(tmp_path / "b", preset="b2txt26")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
