@@ -26,7 +26,9 @@ SYNTH_DIR := data/synthetic
 SYNTH_REPORT := $(SYNTH_DIR)/synth_report.json
 COMPARE_OUT := results/comparison
 
-.PHONY: help setup test synth ctc-baseline gru-align llm-decoder compare clean distclean
+DATA_DEST ?= data/b2txt25
+
+.PHONY: help setup test synth data ctc-baseline gru-align llm-decoder compare clean distclean
 
 define HELP
 b2t-bench make targets
@@ -35,6 +37,8 @@ b2t-bench make targets
   setup         create .venv and install dependencies (bash setup.sh; SETUP_ARGS=--force reinstalls)
   test          lint (ruff check .) and run the test suite: $(PY) -m pytest -q tests
   synth         make the embedded synthetic dataset in $(SYNTH_DIR) (once; `make clean` removes it)
+  data          download the real Brain-to-Text '25 data and baseline checkpoint from Dryad into
+                $(DATA_DEST) (needs DRYAD_TOKEN or DRYAD_CLIENT_ID + DRYAD_CLIENT_SECRET; README "Data")
   ctc-baseline  train + evaluate the CTC phoneme baseline   (configs/ctc_baseline/ctc_baseline.yml)
   gru-align     train + evaluate the audio-aligned GRU      (configs/gru_align/gru_align.yml)
   llm-decoder   train + evaluate the LLM-decoded variant    (configs/llm_decoder/llm_decoder.yml)
@@ -55,6 +59,7 @@ Variables (make TARGET NAME=value)
                 e.g. ARGS="--set training_params.num_steps=100", or for compare ARGS=--force
   RUNS          run folders for compare                   [every finished run under results/]
   SETUP_ARGS    arguments for setup.sh, e.g. --force      [$(SETUP_ARGS)]
+  DATA_DEST     where `make data` puts the real data       [$(DATA_DEST)]
   TORCH_INDEX_URL  (environment) extra index for torch, e.g. a CUDA wheel index; see setup.sh
 endef
 export HELP
@@ -75,6 +80,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 synth: $(SYNTH_REPORT)
+
+# Always asks main.py download, which fetches only what is missing (and says what is in place).
+data: $(STAMP)
+	$(PY) main.py download --dest $(DATA_DEST) $(ARGS)
 
 # Order-only on the stamp: reinstalling packages does not regenerate the data.
 $(SYNTH_REPORT): | $(STAMP)
