@@ -1,8 +1,11 @@
 """`main.py compare`: finished runs side by side, trial by trial, from their run folders only.
 
-Writes into --out: comparison.md (the report: error rates, paired tests, plots, example sentences),
-comparison.csv (one row per run and scored split), paired.csv (one row per pair of runs, split and
-metric), per_session_<split>.png and training_curves.png.
+Writes into --out: comparison.md (the report: error rates, paired tests, plots, per-corpus table,
+example sentences), comparison.csv (one row per run and scored split), per_corpus.csv (one row per
+run, scored split and corpus), paired.csv (one row per pair of runs, split and metric),
+per_session_<split>.png, per_corpus_<split>.png and training_curves.png. Every per-session and
+per-corpus figure is read from metrics.json (`by_session`, `by_corpus`); a run from before
+`by_corpus` has no per-corpus figures and is named as such.
 
 Runs without `DONE` are listed as unfinished and left out. Runs whose data fingerprints differ are
 refused unless --force (and the output then says so). Trials are joined on
@@ -23,6 +26,8 @@ from harness.run_reader import Run, find_runs, load_run
 LABELS = {"per": "PER", "wer": "WER", "cer": "CER", "retrieval_top1": "top-1", "retrieval_top10": "top-10"}
 RETRIEVAL = {"retrieval_top1": 1, "retrieval_top10": 10}  # metric -> k: the true sentence ranked <= k
 N_DISAGREE, N_FIRST = 5, 3  # example sentences: where the decoders disagree most, then the first trials
+CORPUS_COLUMNS = ["run", "decoder", "split", "corpus", *(f"{m}{end}" for m in METRICS for end in ("", "_ci_low", "_ci_high")),
+                  "n_trials"]
 PAIRED_COLUMNS = ["split", "run_a", "run_b", "metric", "n_trials", "a", "b", "difference", "difference_ci_low",
                   "difference_ci_high", "b_better", "a_better", "equal", "wilcoxon_statistic", "wilcoxon_p"]
 
@@ -41,6 +46,8 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     runs = [load_run(d) for d in dirs if results.is_finished(d)]
     if not runs:
         raise UserError(f"no finished run to compare (looked in {', '.join(run_dirs) or results_dir})")
+    for run in runs:
+        _check_ranks(run)
     names = [run.name for run in runs]
     for run in runs:
         if names.count(run.name) > 1:  # same folder name under different parents: show the path
@@ -56,15 +63,17 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     splits = list(dict.fromkeys(row["split"] for row in table))
     pairs = [row for split in splits for row in paired_rows(runs, split, n_resamples, seed)]
     images = write_plots(runs, splits, out_dir)
-    for stale in [*out_dir.glob("per_session_*.png"), out_dir / "training_curves.png"]:
+    corpora = corpus_rows(runs)
+    for stale in [*out_dir.glob("per_session_*.png"), *out_dir.glob("per_corpus_*.png"), out_dir / "training_curves.png"]:
         if stale not in images.values():  # from an earlier comparison: it would not match this report
             stale.unlink(missing_ok=True)
-    report = render_report(runs, table, pairs, images, splits, unfinished, groups)
+    report = render_report(runs, table, pairs, images, splits, unfinished, groups, corpora)
     results.atomic_write_text(out_dir / "comparison.csv", results.rows_to_csv(table, ["run", "decoder", "split"]))
+    results.atomic_write_text(out_dir / "per_corpus.csv", results.rows_to_csv(corpora, CORPUS_COLUMNS))
     results.atomic_write_text(out_dir / "paired.csv", results.rows_to_csv(pairs, PAIRED_COLUMNS))
     results.atomic_write_text(out_dir / "comparison.md", report)
     print(summary_markdown(table))
-    written = ["comparison.md", "comparison.csv", "paired.csv", *(p.name for p in images.values())]
+    written = ["comparison.md", "comparison.csv", "per_corpus.csv", "paired.csv", *(p.name for p in images.values())]
     print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     return out_dir
 
@@ -134,6 +143,15 @@ def _describe(groups: list[list[Run]]) -> str:
 # --------------------------------------------------------------------------- one row per run and split
 
 
+def _check_ranks(run: Run) -> None:
+    """A true_rank below 1 is refused: counting from 0 would shift every top-k of the comparison."""
+    for row in run.rows:
+        rank = as_number(row.get("true_rank"))
+        if rank is not None and rank < 1:
+            raise UserError(f"{run.dir / 'per_trial.csv'}: true_rank {rank:g} in {row.get('split')}; ranks count "
+                            "from 1 (1 = the true sentence ranked first)")
+
+
 def _is_scored(entry: dict) -> bool:
     return any(entry.get(m) is not None for m in (*METRICS, *RETRIEVAL))
 
@@ -150,6 +168,15 @@ def _retrieval_columns(entry: dict) -> dict:
     return out
 
 
+def _rates(entry: dict) -> dict:
+    """per/wer/cer with their CI bounds as columns, from a metrics.json entry."""
+    row = {}
+    for metric in METRICS:
+        ci = entry.get(f"{metric}_ci") or [None, None]
+        row.update({metric: entry.get(metric), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1]})
+    return row
+
+
 def summary_rows(runs: list[Run]) -> list[dict]:
     """comparison.csv: one row per run and split that has any score (an unlabeled test split has
     none and is left out). Every figure and CI comes from metrics.json."""
@@ -159,16 +186,27 @@ def summary_rows(runs: list[Run]) -> list[dict]:
         for split, entry in run.split_metrics().items():
             if not _is_scored(entry):
                 continue
-            row = {"run": run.name, "decoder": run.decoder, "split": split}
-            for metric in METRICS:
-                ci = entry.get(f"{metric}_ci") or [None, None]
-                row.update({metric: entry.get(metric), f"{metric}_ci_low": ci[0], f"{metric}_ci_high": ci[1]})
+            row = {"run": run.name, "decoder": run.decoder, "split": split, **_rates(entry)}
             row.update(_retrieval_columns(entry))
             if "n_candidates" in entry:
                 row["n_candidates"] = entry["n_candidates"]
             row.update({"n_trials": entry.get("n_trials"), "steps": info.get("steps"),
                         "wall_seconds": run.meta.get("wall_seconds"), "device": run.meta.get("device")})
             rows.append(row)
+    return rows
+
+
+def corpus_rows(runs: list[Run]) -> list[dict]:
+    """per_corpus.csv: one row per run, split and corpus with any score, from the split's
+    `by_corpus` in metrics.json (never recomputed). Runs without it (from before by_corpus, or on
+    data without a description CSV) have no rows."""
+    rows = []
+    for run in runs:
+        for split, entry in run.split_metrics().items():
+            for corpus, figures in (entry.get("by_corpus") or {}).items():
+                if isinstance(figures, dict) and _is_scored(figures):
+                    rows.append({"run": run.name, "decoder": run.decoder, "split": split, "corpus": corpus,
+                                 **_rates(figures), "n_trials": figures.get("n_trials")})
     return rows
 
 
@@ -180,9 +218,6 @@ def _metric_values(run: Run, row: dict, metric: str) -> tuple[float, float] | No
     retrieval accuracy; None where the run has no such number for this trial."""
     if metric in RETRIEVAL:
         rank = as_number(row.get("true_rank"))
-        if rank is not None and rank < 1:  # counting from 0 would shift every top-k
-            raise UserError(f"{run.dir / 'per_trial.csv'}: true_rank {rank:g} in {row.get('split')}; ranks count "
-                            "from 1 (1 = the true sentence ranked first)")
         return None if rank is None else (float(rank <= RETRIEVAL[metric]), 1.0)
     edits, count = (as_number(row.get(c)) for c in COLUMNS[metric])
     return None if edits is None or count is None else (edits, count)
@@ -222,6 +257,9 @@ def write_plots(runs: list[Run], splits: list[str], out_dir: Path) -> dict[str, 
         path = plots.per_session_plot(entries, split, out_dir / f"per_session_{split}.png")
         if path:
             images[f"per_session_{split}"] = path
+        path = plots.per_corpus_plot(entries, split, out_dir / f"per_corpus_{split}.png")
+        if path:
+            images[f"per_corpus_{split}"] = path
     history = [(run.name, run.scalars, (run.metrics.get("run") or {}).get("validation_history") or [])
                for run in runs]
     path = plots.training_curves(history, out_dir / "training_curves.png")
@@ -275,6 +313,31 @@ def summary_markdown(table: list[dict]) -> str:
         cells += [row["n_trials"], row["steps"] if row["steps"] is not None else "-", _duration(row["wall_seconds"])]
         body.append(cells)
     return _table(header, body)
+
+
+def corpus_markdown(runs: list[Run], corpora: list[dict], split: str) -> str:
+    """The split's per-corpus table (by corpus, then the runs in the order given) and a line per run
+    that has no per-corpus figures for it; "" when no run has any."""
+    rows = [row for row in corpora if row["split"] == split]
+    if not rows:
+        return ""
+    order = {run.name: i for i, run in enumerate(runs)}
+    rows = sorted(rows, key=lambda row: (row["corpus"], order[row["run"]]))
+    body = [[row["corpus"], row["run"], *(_rate(row[m], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in METRICS),
+             row["n_trials"]] for row in rows]
+    text = _table(["corpus", "run", "PER [95% CI]", "WER [95% CI]", "CER [95% CI]", "trials"], body)
+    have = {row["run"] for row in rows}
+    absent = []
+    for run in runs:
+        entry = run.split_metrics().get(split)
+        if entry is None or run.name in have or not _is_scored(entry):
+            continue
+        why = "no by_corpus in its metrics.json (a run from before per-corpus metrics)" if "by_corpus" not in entry \
+            else "no corpus labels (no description CSV beside its data, or no row for its blocks)"
+        absent.append(f"- {run.name}: {why}\n")
+    if absent:
+        text += "\nNot in this table:\n\n" + "".join(absent)
+    return text
 
 
 def _p_value(p) -> str:
@@ -351,7 +414,7 @@ def examples_markdown(runs: list[Run], split: str) -> str:
     return note + "\n\n" + _table(["trial", "source", "sentence", "errors"], body)
 
 
-def render_report(runs, table, pairs, images, splits, unfinished, groups) -> str:
+def render_report(runs, table, pairs, images, splits, unfinished, groups, corpora=()) -> str:
     parts = ["# Comparison\n"]
     if len(groups) > 1:
         parts.append(f"**Warning: compared with --force although the runs read different data: {_describe(groups)}. "
@@ -378,6 +441,14 @@ def render_report(runs, table, pairs, images, splits, unfinished, groups) -> str
     for split in splits:
         if f"per_session_{split}" in images:
             parts.append(f"## Error per session ({split})\n\n![error per session]({images[f'per_session_{split}'].name})\n")
+    for split in splits:
+        table_text = corpus_markdown(runs, list(corpora), split)
+        if table_text:
+            plot = images.get(f"per_corpus_{split}")
+            parts.append(f"## Error per corpus ({split})\n\nEach corpus's summed ratios with 95% bootstrap CIs, "
+                         "from each run's metrics.json (`by_corpus`; the corpus of a trial's block comes from the "
+                         "dataset's description CSV).\n\n" + table_text
+                         + (f"\n![error per corpus]({plot.name})\n" if plot else ""))
     if "training_curves" in images:
         parts.append(f"## Training curves\n\n![training curves]({images['training_curves'].name})\n")
     for split in splits:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from harness.description import find_description, read_description, session_date
 from harness.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class Trial:
     n_time_steps: int
     phoneme_ids: tuple[int, ...] | None  # valid prefix of seq_class_ids; None when unlabeled
     sentence: str | None  # sentence_label; None when unlabeled
+    # from the description CSV (harness.description) by session date and block; None when unknown
+    corpus: str | None = None
+    days_since_implant: int | None = None
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -66,7 +71,9 @@ def read_trials(data_dir: Path | str, sessions: list[str], split: str, n_feature
                 day_index: dict[str, int] | None = None) -> list[Trial]:
     """Every trial of `split` in the given sessions, in session then file order. Sessions without
     the split's file are normal (4 real sessions have no val/test). A trial's day is its session's
-    position in `sessions`, or `day_index[session]` when given (a checkpoint's own session order)."""
+    position in `sessions`, or `day_index[session]` when given (a checkpoint's own session order).
+    Each trial's corpus and days since implant come from the description CSV when there is one
+    (harness.description); without it they stay None."""
     data_dir = Path(data_dir)
     trials = []
     for position, session in enumerate(sessions):
@@ -77,7 +84,46 @@ def read_trials(data_dir: Path | str, sessions: list[str], split: str, n_feature
         path = split_file(session_dir, split)
         if path.exists():
             trials.extend(_read_file(path, split, session, day, n_features))
-    return trials
+    return add_description(trials, data_dir, split)
+
+
+def add_description(trials: list[Trial], data_dir: Path, split: str) -> list[Trial]:
+    """The trials with corpus and days_since_implant from data_dir's description CSV, if it has
+    one. A trial whose (session date, block) has no row keeps None; one warning counts them. A
+    trial whose block the CSV puts in another split keeps its file's split; one warning counts them."""
+    path = find_description(data_dir) if trials else None
+    if path is None:
+        return trials
+    blocks = read_description(path)
+    out, missing, other_split = [], Counter(), Counter()
+    for t in trials:
+        info = blocks.get((session_date(t.session), t.block_num))
+        if info is None:
+            missing[(t.session, t.block_num)] += 1
+            out.append(t)
+            continue
+        if info.split is not None and info.split != t.split:
+            other_split[(t.session, t.block_num, info.split)] += 1
+        out.append(replace(t, corpus=info.corpus, days_since_implant=info.days_since_implant))
+    if missing:
+        log.warning("%s: no row for %s (%s); their corpus and days since implant are left empty",
+                    path, _count(missing.total(), split), _first_blocks(missing))
+    if other_split:
+        log.warning("%s: blocks its Split column puts in another split hold %s (%s); the HDF5 file decides "
+                    "a trial's split, the CSV's Split is not used", path, _count(other_split.total(), split),
+                    _first_blocks(other_split))
+    return out
+
+
+def _count(n: int, split: str) -> str:
+    return f"{n} {split} trial{'s' if n != 1 else ''}"
+
+
+def _first_blocks(counts: Counter, shown: int = 3) -> str:
+    """"t15.2023.08.11 block 2: 5 trials, ..." for the first few (session, block[, CSV split]) keys."""
+    parts = [f"{key[0]} block {key[1]}" + (f" (CSV: {key[2]})" if len(key) > 2 else "")
+             + f": {n} trial{'s' if n != 1 else ''}" for key, n in list(counts.items())[:shown]]
+    return ", ".join(parts) + (f" and {len(counts) - shown} more blocks" if len(counts) > shown else "")
 
 
 def _open(path: Path) -> h5py.File:

@@ -89,5 +89,6 @@ def trial_row(trial: Trial, prediction: dict) -> dict:
         "predicted_phonemes": predicted_phonemes,
     }
     row.update(trial_error_columns(trial.sentence, predicted_text, reference_phonemes, predicted_phonemes))
+    row.update(corpus=trial.corpus, days_since_implant=trial.days_since_implant)  # None: no description CSV row
     row.update({k: v for k, v in prediction.items() if k not in PREDICTION_KEYS})
     return row

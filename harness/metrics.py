@@ -211,7 +211,7 @@ def _scored_pairs(rows, edits_key: str, count_key: str) -> tuple[list[float], li
 
 
 def _summary(rows: list, seed: int, n_resamples: int) -> dict:
-    """per/wer/cer with CIs and n_trials for one group of rows (a split or one session)."""
+    """per/wer/cer with CIs and n_trials for one group of rows (a split, one session, one corpus)."""
     out: dict = {}
     for name, (edits_key, count_key) in COLUMNS.items():
         edits, counts = _scored_pairs(rows, edits_key, count_key)
@@ -222,6 +222,24 @@ def _summary(rows: list, seed: int, n_resamples: int) -> dict:
     return out
 
 
+def _corpus(row) -> str | None:
+    """The row's corpus; None where unknown (None, or "" as read back from per_trial.csv)."""
+    value = _field(row, "corpus")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value).strip() or None
+
+
+def _by(rows: list, group, seed: int, n_resamples: int) -> dict:
+    """_summary of each group of rows (sorted by name); rows whose group is None are left out."""
+    groups: dict[str, list] = {}
+    for row in rows:
+        name = group(row)
+        if name is not None:
+            groups.setdefault(name, []).append(row)
+    return {name: _summary(group_rows, seed, n_resamples) for name, group_rows in sorted(groups.items())}
+
+
 def split_metrics(rows: Iterable, seed: int = 0, n_resamples: int = 10_000) -> dict:
     """The metrics.json entry of one split (docs/contracts.md, "metrics.json").
 
@@ -230,19 +248,17 @@ def split_metrics(rows: Iterable, seed: int = 0, n_resamples: int = 10_000) -> d
     such row it is None (null), as for PER of a text-only model or anything on the test split.
     n_resamples=0 leaves every *_ci None (no bootstrap, e.g. for validation during training).
 
-    Returns {"per", "per_ci", "wer", "wer_ci", "cer", "cer_ci", "n_trials", "by_session"}, where
-    by_session maps each session (sorted) to the same keys without by_session. Every session and
-    metric uses the same seed, so the intervals are reproducible run to run.
+    Returns {"per", "per_ci", "wer", "wer_ci", "cer", "cer_ci", "n_trials", "by_session",
+    "by_corpus"}, where by_session maps each session (sorted) to the same keys without by_session
+    and by_corpus, and by_corpus does the same for each corpus of the rows' `corpus` field (the
+    block's corpus from the description CSV; rows without one are left out of by_corpus, which is
+    {} when no row has a corpus). Every group and metric uses the same seed, so the intervals are
+    reproducible run to run.
     """
     rows = list(rows)
     out = _summary(rows, seed, n_resamples)
-    by_session: dict[str, list] = {}
-    for row in rows:
-        by_session.setdefault(str(_field(row, "session")), []).append(row)
-    out["by_session"] = {
-        session: _summary(session_rows, seed, n_resamples)
-        for session, session_rows in sorted(by_session.items())
-    }
+    out["by_session"] = _by(rows, lambda row: str(_field(row, "session")), seed, n_resamples)
+    out["by_corpus"] = _by(rows, _corpus, seed, n_resamples)
     if any(as_number(_field(row, "true_rank")) is not None for row in rows):
         out.update(retrieval_metrics(rows, seed, n_resamples))
     return out

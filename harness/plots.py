@@ -1,4 +1,4 @@
-"""PNG plots for `compare`: error per session with CIs, and training curves.
+"""PNG plots for `compare`: error per session and per corpus with CIs, and training curves.
 
 Built on matplotlib's object API (`Figure`, no pyplot): no global figure state, no display
 needed; savefig renders with the Agg backend. Each plot is written atomically like every other
@@ -40,16 +40,30 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Path | None:
-    """Error per session with 95% CIs, one marker per run side by side, for every metric any run
-    has on this split; the first group ("all") is the whole split.
+    """Error per session with 95% CIs (the split entries' `by_session`); see per_group_plot."""
+    return per_group_plot(runs, split, path, "by_session", "session")
 
-    runs: (label, that run's metrics.json entry for the split). Returns None if nothing to plot.
+
+def per_corpus_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Path | None:
+    """Error per corpus with 95% CIs (the split entries' `by_corpus`); see per_group_plot. None
+    when no run has a corpus on this split (no description CSV, or runs from before by_corpus)."""
+    if not any(entry.get("by_corpus") for _, entry in runs):
+        return None
+    return per_group_plot(runs, split, path, "by_corpus", "corpus")
+
+
+def per_group_plot(runs: list[tuple[str, dict]], split: str, path: Path, key: str, noun: str) -> Path | None:
+    """Error per group (session, corpus) with 95% CIs, one marker per run side by side, for every
+    metric any run has on this split; the first group ("all") is the whole split.
+
+    runs: (label, that run's metrics.json entry for the split); key: the entry's per-group dict
+    (by_session, by_corpus), noun: what a group is, for the title. A run without `key` shows only
+    "all". Returns None if nothing to plot.
     """
     metrics = [m for m in METRICS if any(entry.get(m) is not None for _, entry in runs)]
     if not metrics:
         return None
-    sessions = sorted({s for _, entry in runs for s in (entry.get("by_session") or {})})
-    groups = ["all"] + sessions
+    groups = ["all"] + sorted({g for _, entry in runs for g in (entry.get(key) or {})})
     width = min(24.0, max(6.0, 0.3 * len(groups) * (1 + 0.15 * len(runs)) + 2))  # 45 real sessions fit
     fig = Figure(figsize=(width, 2.8 * len(metrics) + 0.8), layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False, sharex=True)[:, 0]
@@ -58,7 +72,7 @@ def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Pa
         for i, ((_label, entry), offset) in enumerate(zip(runs, offsets)):
             xs, ys, lo, hi = [], [], [], []
             for position, group in enumerate(groups):
-                values = entry if group == "all" else (entry.get("by_session") or {}).get(group) or {}
+                values = entry if group == "all" else (entry.get(key) or {}).get(group) or {}
                 value = values.get(metric)
                 if value is None:
                     continue
@@ -69,12 +83,12 @@ def per_session_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Pa
                 hi.append(ci[1] - value)
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", markersize=4, capsize=2, color=_color(i))
-        ax.axvline(0.5, color="0.7", linewidth=0.8)  # "all" apart from the sessions
+        ax.axvline(0.5, color="0.7", linewidth=0.8)  # "all" apart from the groups
         ax.set_ylabel(f"{LABELS[metric]} ({split})")
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(groups)), groups, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
-    axes[0].set_title(f"Error per session on {split}, with 95% bootstrap CIs")
+    axes[0].set_title(f"Error per {noun} on {split}, with 95% bootstrap CIs")
     _legend(fig, [label for label, _ in runs])
     return _save(fig, path)
 

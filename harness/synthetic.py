@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from harness.description import DESCRIPTION_NAME
 from harness.errors import UserError
 from harness.phonemes import N_CLASSES, PHONEMES
 from harness.pronounce import oov_words, sentence_ids
@@ -60,7 +61,6 @@ REAL_SESSIONS = tuple(f"t15.{d}" for d in REAL_SESSION_DATES)
 # Synthetic post-implant days count from this date (an assumption: the real implant date is not in
 # our sources; the real data's days come from its description CSV)
 SYNTH_IMPLANT_DATE = datetime.date(2023, 7, 11)
-DESCRIPTION_NAME = "t15_copyTaskData_description.csv"  # the real dataset's per-block description
 DESCRIPTION_COLUMNS = ("Date", "Post-implant day", "Block number", "Number of sentences", "Corpus", "Split")
 # The real dataset's corpora by name. Their shares of the blocks are assumed (the real ones are in
 # the description CSV, which our sources do not quote); the synthetic sentences of every corpus come

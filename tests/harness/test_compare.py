@@ -5,6 +5,7 @@ Run folders are built by hand in tmp dirs with the contract's files (no training
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -471,3 +472,69 @@ def test_example_sentences_show_where_decoders_disagree_most(tmp_path):
     assert "| sentence 7 |" in examples and "| b (phonemes) | AA \\| AA | 5/5 PER |" in examples
     assert "| b (text) | words 7 | 0/2 WER |" in examples and "| a | pred 7 | 1/5 PER |" in examples
     assert "| reference phonemes | S EH N SIL |" in examples
+
+
+# --------------------------------------------------------------------------- per corpus
+
+
+def test_per_corpus_results_come_from_metrics_json(tmp_path):
+    def rows(edits):  # trials 0-3 Switchboard, 4-5 Harvard, 6 without a corpus; 5 phonemes each
+        out = [trial_row(i, phonemes=(e, 5)) for i, e in enumerate(edits)]
+        for row in out:
+            row["corpus"] = "Switchboard" if row["trial_num"] < 4 else "Harvard" if row["trial_num"] < 6 else None
+        return out
+
+    run_a = make_run(tmp_path / "a", rows([1, 2, 0, 1, 3, 3, 5]))
+    run_b = make_run(tmp_path / "b", rows([0, 1, 0, 1, 2, 1, 5]), trial="better")
+    metrics_b = json.loads((run_b / "metrics.json").read_text())
+    metrics_b["val"]["by_corpus"]["Harvard"].update(per=0.123, per_ci=[0.1, 0.15])  # shown as is, not recomputed (3/10)
+    results.write_json(run_b / "metrics.json", metrics_b)
+    old = make_run(tmp_path / "old", rows([1, 1, 1, 1, 1, 1, 1]), trial="old")  # written before by_corpus
+    metrics_old = json.loads((old / "metrics.json").read_text())
+    del metrics_old["val"]["by_corpus"]
+    results.write_json(old / "metrics.json", metrics_old)
+    unlabelled = make_run(tmp_path / "nocsv", [trial_row(i, phonemes=(1, 5)) for i in range(7)], trial="nocsv")
+    out = tmp_path / "cmp"
+    compare([str(run_a), str(run_b), str(old), str(unlabelled)], str(out), n_resamples=N_RESAMPLES)
+
+    table = read_csv(out / "per_corpus.csv")
+    assert list(table[0])[:4] == ["run", "decoder", "split", "corpus"]
+    assert [(r["run"], r["corpus"]) for r in table] == [("a", "Harvard"), ("a", "Switchboard"),
+                                                        ("b", "Harvard"), ("b", "Switchboard")]
+    by = {(r["run"], r["corpus"]): r for r in table}
+    assert float(by["a", "Switchboard"]["per"]) == pytest.approx(4 / 20) and by["a", "Switchboard"]["n_trials"] == "4"
+    assert float(by["a", "Harvard"]["per"]) == pytest.approx(6 / 10) and by["a", "Harvard"]["n_trials"] == "2"
+    assert (by["b", "Harvard"]["per"], by["b", "Harvard"]["per_ci_low"], by["b", "Harvard"]["per_ci_high"]) == \
+        ("0.123", "0.1", "0.15")  # from metrics.json
+    assert by["a", "Switchboard"]["wer"] == "" and by["a", "Switchboard"]["per_ci_low"] != ""
+    ci = metrics_b["val"]["by_corpus"]["Switchboard"]["per_ci"]
+    assert [float(by["b", "Switchboard"][f"per_ci_{end}"]) for end in ("low", "high")] == ci
+
+    report = (out / "comparison.md").read_text()
+    section = report.split("## Error per corpus (val)")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "corpus" not in line]
+    assert [line.split("|")[1:3] for line in lines] == [[" Harvard ", " a "], [" Harvard ", " b "],
+                                                        [" Switchboard ", " a "], [" Switchboard ", " b "]]
+    assert "| Harvard | b | 12.3% [10.0, 15.0] |" in section and "| Switchboard | a | 20.0% [" in section
+    assert "- old: no by_corpus in its metrics.json" in section
+    assert "- nocsv: no corpus labels" in section
+    assert "](per_corpus_val.png)" in section
+    _assert_real_png(out / "per_corpus_val.png")
+
+
+def test_runs_without_per_corpus_figures_show_none(tmp_path):
+    out = tmp_path / "cmp"
+    labelled = [{**trial_row(i, phonemes=(1, 5)), "corpus": "Harvard"} for i in range(4)]
+    compare([str(make_run(tmp_path / "new", labelled))], str(out), n_resamples=200)
+    assert (out / "per_corpus_val.png").exists()
+
+    old = make_run(tmp_path / "old", [trial_row(i, phonemes=(1, 5)) for i in range(4)])
+    metrics_old = json.loads((old / "metrics.json").read_text())
+    del metrics_old["val"]["by_corpus"]
+    results.write_json(old / "metrics.json", metrics_old)
+    compare([str(old)], str(out), n_resamples=200)
+    assert (out / "per_corpus.csv").read_text().startswith("run,decoder,split,corpus,per,")
+    assert read_csv(out / "per_corpus.csv") == []
+    assert "Error per corpus" not in (out / "comparison.md").read_text()
+    assert not (out / "per_corpus_val.png").exists()  # the earlier one would not match this report
+    assert (out / "per_session_val.png").exists()

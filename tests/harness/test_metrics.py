@@ -440,3 +440,44 @@ def test_no_retrieval_keys_without_true_rank():
     for rows in (plain, unranked):
         out = split_metrics(rows, n_resamples=100)
         assert not [key for key in out if "retrieval" in key or "rank" in key]
+
+
+# --------------------------------------------------------------------------- per corpus
+
+
+def test_split_metrics_by_corpus_from_known_edits():
+    """Two corpora across two sessions; a row without a corpus ("" as read back from per_trial.csv,
+    or None) counts in the split and its session, not in by_corpus."""
+    rows = [
+        {**_row("s1", (1, 4), (0, 2), (1, 10)), "corpus": "Switchboard"},
+        {**_row("s2", (3, 6), (1, 3), (2, 12)), "corpus": "Switchboard"},
+        {**_row("s1", (2, 10), (2, 5), (4, 20)), "corpus": "Harvard"},
+        {**_row("s2", (5, 5), (1, 1), (5, 5)), "corpus": ""},
+        {**_row("s2", (5, 5), (1, 1), (5, 5)), "corpus": None},
+    ]
+    out = split_metrics(rows, n_resamples=500)
+    assert list(out["by_corpus"]) == ["Harvard", "Switchboard"]  # sorted, no group for the unknown
+    sw, hv = out["by_corpus"]["Switchboard"], out["by_corpus"]["Harvard"]
+    assert (sw["per"], sw["wer"], sw["cer"], sw["n_trials"]) == pytest.approx((4 / 10, 1 / 5, 3 / 22, 2))
+    assert (hv["per"], hv["wer"], hv["cer"], hv["n_trials"]) == pytest.approx((2 / 10, 2 / 5, 4 / 20, 1))
+    assert hv["per_ci"] == [0.2, 0.2]  # one trial: every resample is that trial
+    lo, hi = sw["per_ci"]
+    assert lo <= 0.4 <= hi and lo < hi
+    assert set(sw) == set(out["by_session"]["s1"]) == {*(f"{m}{e}" for m in metrics.METRICS for e in ("", "_ci")),
+                                                       "n_trials"}
+    assert out["n_trials"] == 5 and out["per"] == pytest.approx(16 / 30)  # the split still has every row
+    json.dumps(out)
+
+
+def test_by_corpus_uses_the_seed_of_by_session_and_is_empty_without_corpora():
+    rows = _spread_rows(n=60)
+    labelled = [{**row, "corpus": f"corpus of {row['session']}"} for row in rows]  # each corpus is one session
+    for seed in (0, 7):
+        out = split_metrics(labelled, seed=seed, n_resamples=300)
+        assert out["by_corpus"]["corpus of s0"] == out["by_session"]["s0"]  # same rows, same seed: same CIs
+        assert out["by_corpus"]["corpus of s1"] == out["by_session"]["s1"]
+    assert split_metrics(labelled, seed=0, n_resamples=300)["by_corpus"] != \
+        split_metrics(labelled, seed=7, n_resamples=300)["by_corpus"]
+    assert split_metrics(rows, n_resamples=100)["by_corpus"] == {}  # no corpus field at all
+    assert split_metrics([{**r, "corpus": ""} for r in rows], n_resamples=100)["by_corpus"] == {}
+    assert split_metrics([])["by_corpus"] == {}
