@@ -44,10 +44,12 @@ def _step_tools():
 
 
 def ensure_dataset(folder: Path, durations: str) -> dict:
+    """The dataset's trial-length summary (the dataset written first when missing)."""
     if not (folder / REPORT_NAME).is_file():
         print(f"writing {folder} ({durations} durations)")
         write_synthetic_dataset(folder, durations=durations)
-    return json.loads((folder / REPORT_NAME).read_text())["durations"]["n_time_steps"]
+    lengths = [t["n_time_steps"] for t in json.loads((folder / REPORT_NAME).read_text())["trials"]]
+    return {"mean": statistics.mean(lengths), "p50": statistics.median(lengths)}
 
 
 def main(argv=None) -> int:
