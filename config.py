@@ -377,7 +377,11 @@ def load_config(path: Path | str | None = None, overrides: list[str] = (), data:
     where = _Where(source, overridden)
     config = from_data(ExperimentConfig, raw, where)
 
-    constructor = _lookup(MODEL_CONSTRUCTORS, config.model_constructor_name, where, "model_constructor_name")
+    try:
+        constructor = _lookup(MODEL_CONSTRUCTORS, config.model_constructor_name, where, "model_constructor_name")
+    except UserError as error:  # the commonest cause of an unknown model: a plugin that was not loaded
+        raise UserError(f"{error} (a model folder outside the repository is loaded with B2T_PLUGINS=module, "
+                        "importable from PYTHONPATH)") from None
     config.model_params = _typed(params_type(constructor), config.model_params, where, "model_params")
     if config.config_setter_name in RETIRED_SETTERS:
         warnings.warn(f"{source}: config_setter_name {config.config_setter_name} is no longer needed (the harness "

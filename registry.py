@@ -77,6 +77,7 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     listing = ", ".join(known) if known else "(none)"
+    hint = hint or "."
     return f"unknown {kind} '{name}'{hint} Registered: {listing}"
 
 

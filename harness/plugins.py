@@ -63,13 +63,16 @@ def load_plugins(root: Path = REPO_ROOT) -> list[str]:
 
 def plugin_records() -> list[dict]:
     """Which plugin modules this process loaded and from where, for meta.json and checkpoints:
-    {"module", "file", "git_commit"} (the commit of the git repository holding the file, None
-    outside one). A plugin outside the repository is what `evaluate` must be told to load."""
+    {"module", "file", "git_commit", "git_changed"} (the commit of the git repository holding the
+    file, None outside one; git_changed: the plugin's folder has uncommitted or untracked changes,
+    so the commit alone does not reproduce it). A plugin outside the repository is what `evaluate` must be told to load."""
     records = []
     for name in plugin_names() if _loaded else []:
         module = sys.modules.get(name)
         file = getattr(module, "__file__", None)
-        records.append({"module": name, "file": file, "git_commit": _git_commit(str(Path(file).parent)) if file else None})
+        folder = str(Path(file).parent) if file else None
+        records.append({"module": name, "file": file, "git_commit": _git_commit(folder) if folder else None,
+                        "git_changed": _git_changed(folder) if folder else None})
     return records
 
 
@@ -80,3 +83,13 @@ def _git_commit(folder: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+@functools.cache
+def _git_changed(folder: str) -> bool | None:
+    try:
+        done = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(done.stdout.strip()) if done.returncode == 0 else None

@@ -447,6 +447,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
         run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
             config.output.results_dir, f"{config.trial_name}-eval-{split}"))
         with run_logging(run_dir, held):
+            log.info("run folder: %s", run_dir)
             if distributed.describe():
                 log.info("torch.distributed: %s; each decodes its share of the batches", distributed.describe())
             if distributed.is_main():
@@ -454,6 +455,9 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
             log_skipped(skipped, model.min_time_steps)
             run_info = {"trial_name": config.trial_name, "model": config.model_constructor_name, "checkpoint": str(path)}
             decode_and_write(run_dir, model, config, trials, stores, preprocessors, device, meta, run_info, kaggle_csv)
+            if kaggle_csv:
+                log.info("Kaggle CSV: %s", kaggle_csv)
+            log.info("finished: %s", run_dir)
     return run_dir
 
 
