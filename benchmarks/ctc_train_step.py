@@ -68,7 +68,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-import ctc_baseline  # noqa: E402,F401  (registers the model and its preprocessors)
+import ctc_baseline  # noqa: E402,F401  (registers the model)
+import harness.preprocessors  # noqa: E402,F401  (registers the preprocessors its configs name)
 from config import load_config  # noqa: E402
 from ctc_baseline import CTCBaseline, CTCBaselineParams  # noqa: E402
 from gru_decoder.encoder import output_lengths, patchify  # noqa: E402

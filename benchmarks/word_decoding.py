@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ctc_baseline  # noqa: E402,F401  (registers the model)
+import harness.preprocessors  # noqa: E402,F401  (registers the preprocessors its configs name)
 from config import ComponentSpec, load_config, typed_spec  # noqa: E402
 from ctc_baseline.model import CTCBaseline  # noqa: E402
 from harness.batching import collate, eval_batches  # noqa: E402
