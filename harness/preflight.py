@@ -21,7 +21,7 @@ import torch
 
 from harness.batching import TrialDataset, collate
 from harness.errors import UserError
-from harness.evaluation import apply_preprocessors, autocast
+from harness.evaluation import apply_preprocessors, autocast, trial_row
 from harness.metrics import split_metrics
 from harness.phonemes import PHONEMES
 
@@ -107,8 +107,6 @@ def _check_rows(name: str, rows, batch) -> None:
 
 
 def _check_best_metric(name: str, model, config, rows, batch) -> None:
-    from harness.evaluation import trial_row
-
     scored = [trial_row(t, r) for t, r in zip(batch.trials, rows)]
     metrics = split_metrics(scored, n_resamples=0)
     metrics.update(model.split_metrics("val", scored))

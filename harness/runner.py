@@ -115,9 +115,10 @@ def prepare_data(config: ExperimentConfig, splits) -> tuple[dict, list]:
     dp.sessions = dp.sessions or find_sessions(dp.data_dir)
     trials = read_splits(config, splits)
     preprocessors = build_preprocessors(config)
-    fill_data_fields(config, len(dp.sessions), output_width(preprocessors, dp.n_features))
+    width = output_width(preprocessors, dp.n_features)
+    fill_data_fields(config, len(dp.sessions), width)
     if config.config_setter_name:
-        summary = DataSummary(sessions=list(dp.sessions), trials=trials, n_features=output_width(preprocessors, dp.n_features))
+        summary = DataSummary(sessions=list(dp.sessions), trials=trials, n_features=width)
         CONFIG_SETTERS.get(config.config_setter_name)(config, summary)
     return trials, preprocessors
 
