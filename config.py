@@ -68,7 +68,14 @@ class DataParams:
     eval_batch_size: int = 64  # evaluation: each session's trials in order, chunks of at most this
     seed: int = 1  # data sampling seed
     num_workers: int = 0  # DataLoader workers
-    preload: bool = True  # read every trial's features once at start (else read on demand)
+    # Where features are read from (harness/feature_cache.py): "cache", a read-only memory-mapped copy
+    # built once per data file and shared by every rank and worker of a machine; "memory", every
+    # trial read into this process at start; "hdf5", read from the HDF5 files batch by batch.
+    features: Literal["cache", "memory", "hdf5"] = "cache"
+    preload: bool | None = None  # retired in 0.3 (true: features memory, false: features hdf5)
+    # Pad each batch's time axis up to a multiple of this (1: to the longest trial). With
+    # training_params.compile, a multiple such as 64 bounds the shapes torch.compile sees.
+    pad_to_multiple: int = 1
     short_trials: Literal["skip", "error"] = "skip"  # trials shorter than the model's minimum
 
 
@@ -111,6 +118,9 @@ class TrainingParams:
     compile: bool = False  # torch.compile the model
     # validation, checkpoints, logs
     val_every: int = 200  # steps between validations (0: only at the end)
+    # Word decoding (a lexicon + n-gram search) at every validation: off in the published recipe, which
+    # validates on greedy PER and decodes words once, at the end, with the best checkpoint.
+    val_decode_words: bool = False
     best_metric: str = "per"  # key of the model's validation metrics that picks the best checkpoint
     best_mode: Literal["min", "max"] = "min"
     early_stop_patience: int | None = None  # validations without improvement before stopping
