@@ -393,6 +393,12 @@ def load_config(path: Path | str | None = None, overrides: list[str] = (), data:
         raise UserError(f"{error} (a model folder outside the repository is loaded with B2T_PLUGINS=module, "
                         "importable from PYTHONPATH)") from None
     config.model_params = _typed(params_type(constructor), config.model_params, where, "model_params")
+    if config.data_params.preload is not None:
+        dp = config.data_params
+        dp.features = "memory" if dp.preload else "hdf5"
+        warnings.warn(f"{source}: data_params.preload is retired: it means data_params.features: {dp.features} (the "
+                      "default, cache, shares one memory-mapped copy among all processes)", DeprecationWarning, stacklevel=2)
+        dp.preload = None
     if config.config_setter_name in RETIRED_SETTERS:
         warnings.warn(f"{source}: config_setter_name {config.config_setter_name} is no longer needed (the harness "
                       "fills n_days and n_features itself): drop the key", DeprecationWarning, stacklevel=2)
@@ -423,4 +429,7 @@ def _typed(cls, value, where, path):
 
 
 def dump_config(config: ExperimentConfig) -> str:
-    return yaml.safe_dump(to_data(config), sort_keys=False)
+    data = to_data(config)
+    if data["data_params"].get("preload") is None:  # retired (load_config maps it): not written any more
+        data["data_params"].pop("preload", None)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -314,7 +314,7 @@ def make_setup(size: Size, data_dir: str | Path, device: str = "cpu", amp: bool 
     sampler = TrainBatchSampler(trials, dp.batch_size, dp.days_per_batch, dp.seed, num_steps=1 << 30)
     return Setup(size=size, config=config, params=params, trials=trials, sampler=sampler,
                  preprocessors=build_preprocessors(config), state=state, device=torch.device(device), amp=amp,
-                 compile=compile, store=FeatureStore(trials, preload=True) if preload else None)
+                 compile=compile, store=FeatureStore(trials, "memory") if preload else None)
 
 
 @dataclass
@@ -348,7 +348,7 @@ def build_variant(setup: Setup, name: str) -> Variant:
         read = ReferenceBatchReader(setup.trials)
     else:
         if setup.store is None:
-            setup.store = FeatureStore(setup.trials, preload=True)
+            setup.store = FeatureStore(setup.trials, "memory")
         read = HarnessBatchReader(setup.trials, setup.store)
     loss = reference_loss if name.startswith("ref") else (lambda m, batch: m.loss(batch)["loss"])
     tp = setup.config.training_params
@@ -425,7 +425,7 @@ def same_math_check(setup: Setup, names=("ours", "ours+pack"), atol: float = 1e-
     relative to the parameter's largest reference gradient <= grad_rtol)."""
     indices = setup.sampler.batch_for_step(step)
     ref_batch = ReferenceBatchReader(setup.trials)(indices)
-    store = setup.store or FeatureStore(setup.trials, preload=True)
+    store = setup.store or FeatureStore(setup.trials, "memory")
     our_batch = HarnessBatchReader(setup.trials, store)(indices)
     n = our_batch.phoneme_lengths
     same_data = (torch.equal(ref_batch.features, our_batch.features)

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
     dp = align[0].data_params
     trials = align[4]
-    store = FeatureStore(trials, preload=True)
+    store = FeatureStore(trials, "memory")
     dataset = TrialDataset(trials, store)
     sampler = TrainBatchSampler(trials, dp.batch_size, dp.days_per_batch, seed=dp.seed, num_steps=args.warmup + args.steps)
     steps = {"gru_align": make_step(*align[:4], dataset, align[5], device),

@@ -138,7 +138,7 @@ def run_one(size: str, variant: dict, args) -> dict:
         model.compile()
     tp, dp = config.training_params, config.data_params
     optimizer, scheduler = build_optimizer(model, tp)
-    dataset = TrialDataset(trials["train"], FeatureStore(trials["train"], preload=True))
+    dataset = TrialDataset(trials["train"], FeatureStore(trials["train"], "memory"))
     sampler = TrainBatchSampler(trials["train"], dp.batch_size, dp.days_per_batch, dp.seed, args.warmup + args.steps)
 
     def step(i: int) -> float:

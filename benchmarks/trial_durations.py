@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         config, model, optimizer, scheduler, trials, preprocessors = build(
             args.config, [f"data_params.data_dir={args.short if name == 'short' else args.real}",
                           "model_params.word_decoder={name: greedy}"], device)
-        store = FeatureStore(trials, preload=True)
+        store = FeatureStore(trials, "memory")
         runs[name] = {"lengths": lengths, "config": config, "model": model, "preprocessors": preprocessors,
                       "step": make_step(config, model, optimizer, scheduler, TrialDataset(trials, store), preprocessors,
                                         device), "trials": trials, "times": []}
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         cfg = run["config"]
         val = read_trials(cfg.data_params.data_dir, cfg.data_params.sessions, "val", cfg.data_params.n_features)
         started = time.perf_counter()
-        evaluate_split(run["model"], "val", val, FeatureStore(val, preload=True), run["preprocessors"], device=device,
+        evaluate_split(run["model"], "val", val, FeatureStore(val, "memory"), run["preprocessors"], device=device,
                        eval_batch_size=cfg.data_params.eval_batch_size, bootstrap_resamples=0, with_loss=True)
         tp = cfg.training_params
         step_ms = statistics.median(run["times"])

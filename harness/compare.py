@@ -95,11 +95,16 @@ def _fingerprint(run: Run) -> dict:
 
 
 def _same_hashes(keys_a, keys_b, features_a, features_b) -> bool:
-    """Same trial keys and labels; same features too where both runs hashed them (features are
-    hashed only when preloaded, so a hash missing on one side is not a difference)."""
+    """Same trial keys and labels; same features too where both runs hashed them (features read
+    from HDF5 on demand are not hashed, so a hash missing on one side is not a difference)."""
     if keys_a is None or keys_a != keys_b:
         return False
     return features_a is None or features_b is None or features_a == features_b
+
+
+def _features_comparable(fp_a: dict, fp_b: dict) -> bool:
+    """Features hashes of the same definition (harness.data.FEATURES_HASH_VERSION; 1 when absent)."""
+    return fp_a.get("features_hash_version", 1) == fp_b.get("features_hash_version", 1)
 
 
 def _same_data(a: Run, b: Run) -> bool:
@@ -108,11 +113,14 @@ def _same_data(a: Run, b: Run) -> bool:
     meta.json had per-split hashes are compared whole."""
     fp_a, fp_b = _fingerprint(a), _fingerprint(b)
     by_a, by_b = fp_a.get("by_split"), fp_b.get("by_split")
+    features = _features_comparable(fp_a, fp_b)  # else only the keys and labels are compared
     if by_a and by_b:
         shared = set(by_a) & set(by_b)
         return bool(shared) and all(
             _same_hashes(by_a[s].get("keys_hash"), by_b[s].get("keys_hash"),
-                         by_a[s].get("features_hash"), by_b[s].get("features_hash")) for s in shared)
+                         by_a[s].get("features_hash") if features else None, by_b[s].get("features_hash")) for s in shared)
+    if not features:
+        return _same_hashes(fp_a.get("keys_hash"), fp_b.get("keys_hash"), None, None)
     return _same_hashes(fp_a.get("keys_hash"), fp_b.get("keys_hash"), fp_a.get("content_hash"), fp_b.get("content_hash"))
 
 

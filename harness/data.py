@@ -20,6 +20,8 @@ import numpy as np
 
 from harness.description import find_description, read_description, session_date
 from harness.errors import UserError
+from harness.feature_cache import CachedFile, check_finite, open_cached, trial_digest
+from harness.progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -205,34 +207,54 @@ def load_features(trial: Trial, file: h5py.File | None = None) -> np.ndarray:
         with _open(Path(trial.path)) as f:
             return load_features(trial, f)
     x = np.asarray(file[trial.group]["input_features"][: trial.n_time_steps], dtype=np.float32)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).argmax())
-        raise UserError(f"{trial.path} {trial.group}: input_features holds NaN or Inf (first at time bin {bad})")
+    check_finite(x, trial.path, trial.group)
     return x
 
 
+FEATURE_SOURCES = ("cache", "memory", "hdf5")  # data_params.features
+
+
 class FeatureStore:
-    """Gives features by trial index: all read once at start (preload) or read on demand.
+    """Gives a trial's valid features by index, from where `data_params.features` says:
 
-    On-demand reading keeps one open file per path and per process (h5py handles must not cross a
-    fork, so a DataLoader worker opens its own)."""
+    - "cache": the machine's read-only memory-mapped copy (harness.feature_cache), built once and
+      shared by every rank and DataLoader worker; use `open_feature_stores` to open several splits;
+    - "memory": every trial read into this process at start (each process holds its own copy);
+    - "hdf5": read from the HDF5 file when asked, one open file per path and per process (h5py
+      handles must not cross a fork, so a DataLoader worker opens its own).
+    """
 
-    def __init__(self, trials: list[Trial], preload: bool):
-        self.trials = trials
+    def __init__(self, trials: list[Trial], source: str = "memory", cached: dict[str, CachedFile] | None = None,
+                 cache_dir: str | Path | None = None):
+        if source not in FEATURE_SOURCES:
+            raise ValueError(f"unknown feature source {source!r}: {', '.join(FEATURE_SOURCES)}")
+        self.trials, self.source = trials, source
         self._files: dict[str, h5py.File] = {}
         self._pid = None
-        self._cache: list[np.ndarray] | None = None
-        if preload:
-            self._cache = [self._read(t) for t in trials]
+        self._memory: list[np.ndarray] | None = None
+        self._cached = cached
+        if source == "cache" and cached is None:
+            if cache_dir is None:
+                raise ValueError("the cache source needs cache_dir (or the opened entries)")
+            self._cached = open_cached(trials_per_file(trials), cache_dir)
+        if source == "memory":
+            with phase("read features", total=len(trials), unit="trial", show=len(trials) > 1000) as bar:
+                self._memory = []
+                for trial in trials:
+                    self._memory.append(self._read(trial))
+                    bar.update(1)
             self.close()
 
     def __len__(self) -> int:
         return len(self.trials)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if self._cache is not None:
-            return self._cache[index]
-        return self._read(self.trials[index])
+        if self._memory is not None:
+            return self._memory[index]
+        trial = self.trials[index]
+        if self._cached is not None:
+            return self._cached[trial.path].rows(trial.group, trial.n_time_steps)
+        return self._read(trial)
 
     def _read(self, trial: Trial) -> np.ndarray:
         if self._pid != os.getpid():  # a forked worker: drop the parent's handles
@@ -247,24 +269,51 @@ class FeatureStore:
             f.close()
         self._files = {}
 
-    def __getstate__(self):  # picklable for spawned workers: handles are reopened there
+    def __getstate__(self):  # picklable for spawned workers: handles are reopened, maps remapped there
         state = dict(self.__dict__)
         state["_files"], state["_pid"] = {}, None
         return state
 
     def content_hash(self) -> str | None:
-        """Hash of every feature array (only when preloaded: hashing on demand would read it all)."""
-        if self._cache is None:
+        """A hash of every trial's features, from per-trial digests (harness.feature_cache.trial_digest):
+        kept in the cache, computed from memory when preloaded; None when read on demand (hashing
+        would read everything)."""
+        if self._cached is not None:
+            digests = (self._cached[t.path].digest(t.group, t.n_time_steps) for t in self.trials)
+        elif self._memory is not None:
+            digests = (trial_digest(x) for x in self._memory)
+        else:
             return None
         h = hashlib.blake2b(digest_size=16)
-        for x in self._cache:
-            h.update(np.ascontiguousarray(x).tobytes())
+        for digest in digests:
+            h.update(bytes.fromhex(digest))
         return h.hexdigest()
+
+
+def trials_per_file(trials: list[Trial]) -> dict[str, dict[str, int]]:
+    """path -> {trial group: n_time_steps}: what a cache entry must hold for these trials."""
+    out: dict[str, dict[str, int]] = {}
+    for t in trials:
+        out.setdefault(t.path, {})[t.group] = t.n_time_steps
+    return out
+
+
+def open_feature_stores(trials_by_split: dict[str, list[Trial]], source: str, cache_dir: str | Path) -> dict:
+    """One FeatureStore per split; with the cache, every file's entry opened (or built) in one pass."""
+    cached = None
+    if source == "cache":
+        cached = open_cached(trials_per_file([t for ts in trials_by_split.values() for t in ts]), cache_dir)
+    return {split: FeatureStore(ts, source, cached) for split, ts in trials_by_split.items()}
+
+
+# Version of the features hash in data fingerprints: 2 combines per-trial digests (0.3); 1 hashed the
+# arrays in one stream (0.2). compare() only compares hashes of the same version.
+FEATURES_HASH_VERSION = 2
 
 
 def fingerprint(trials_by_split: dict[str, list[Trial]], stores: dict[str, FeatureStore]) -> dict:
     """What data a run read: sessions, splits, a hash of the trial keys and labels, and a content
-    hash that adds the features (only when they were preloaded); the same per split in by_split."""
+    hash that adds the features (when they were cached or preloaded); the same per split in by_split."""
     keys = hashlib.blake2b(digest_size=16)
     split_keys = {}  # per split too, so that `compare` can match runs that read different sets of splits
     for split in sorted(trials_by_split):
@@ -285,5 +334,6 @@ def fingerprint(trials_by_split: dict[str, list[Trial]], stores: dict[str, Featu
         "n_trials": {s: len(ts) for s, ts in trials_by_split.items()},
         "keys_hash": keys.hexdigest(),
         "content_hash": content.hexdigest() if hashed else None,
+        "features_hash_version": FEATURES_HASH_VERSION,
         "by_split": by_split,
     }

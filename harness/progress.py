@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 from tqdm import tqdm
-
-from harness import distributed
 
 log = logging.getLogger("b2t.progress")
 
@@ -22,7 +21,7 @@ def phase(name: str, total: int | None = None, unit: str = "it", show: bool = Tr
     """`with phase("decode val", total=n, unit="trial") as bar: ... bar.update(k)`; logs
     "decode val: 1435 trials in 12.3 s (116.7 trials/s)" when the block ends without an error."""
     bar = tqdm(total=total, desc=name, unit=unit, dynamic_ncols=True, leave=False,
-               disable=None if show and distributed.is_main() else True)
+               disable=None if show and is_rank_zero() else True)
     started = time.monotonic()
     try:
         yield bar
@@ -32,3 +31,9 @@ def phase(name: str, total: int | None = None, unit: str = "it", show: bool = Tr
     count = bar.n
     rate = f" ({count / seconds:.1f} {unit}s/s)" if count and seconds > 0 else ""
     logger.info("%s: %d %s%s in %.1f s%s", name, count, unit, "" if count == 1 else "s", seconds, rate)
+
+
+def is_rank_zero() -> bool:
+    """torchrun's RANK (0 outside torchrun); read from the environment so that this module, imported by
+    the data reader, does not import torch into processes that only read features."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import ExperimentConfig, dump_config, load_config
 from harness import distributed, results
-from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, read_trials
+from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, open_feature_stores, read_trials
 from harness.devices import pick_device
 from harness.errors import UserError
 from harness.evaluation import evaluate_split
@@ -137,12 +137,22 @@ def fill_data_fields(config: ExperimentConfig, n_days: int, n_features: int) -> 
             setattr(params, name, value)
 
 
+def artefact_cache_dir() -> Path:
+    """Where models keep artefacts and the feature cache lives: B2T_CACHE_DIR, else .cache/ in the repository."""
+    return Path(os.environ.get("B2T_CACHE_DIR", str(CACHE_DIR)))
+
+
+def feature_stores(trials: dict, config: ExperimentConfig) -> dict:
+    """The splits' features from where data_params.features says (harness.data.FeatureStore)."""
+    return open_feature_stores(trials, config.data_params.features, artefact_cache_dir())
+
+
 def build_model(config: ExperimentConfig, sessions, trials, device, n_features: int | None = None) -> DecoderModel:
     """The model the config names; n_features: the width it sees (default: after the config's preprocessors)."""
     if n_features is None:
         n_features = output_width(build_preprocessors(config), config.data_params.n_features)
     constructor = MODEL_CONSTRUCTORS.get(config.model_constructor_name)
-    cache_dir = os.environ.get("B2T_CACHE_DIR", str(CACHE_DIR))
+    cache_dir = str(artefact_cache_dir())
     ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=cache_dir,
                        n_features=n_features)
     model = constructor(config.model_params, ctx)
@@ -233,7 +243,8 @@ def decode_splits(model, config, trials, stores, preprocessors, device) -> tuple
         split_rows, split_metrics, _ = evaluate_split(
             model, split, trials[split], stores[split], preprocessors, device=device,
             eval_batch_size=config.data_params.eval_batch_size, amp=config.training_params.amp_bf16,
-            bootstrap_resamples=config.evaluation.bootstrap_resamples, bootstrap_seed=config.evaluation.bootstrap_seed)
+            bootstrap_resamples=config.evaluation.bootstrap_resamples, bootstrap_seed=config.evaluation.bootstrap_seed,
+            pad_to_multiple=config.data_params.pad_to_multiple, show_progress=config.training_params.progress_bar)
         rows += split_rows
         metrics[split] = split_metrics
         log.info("%s: %s", split, _summary(split_metrics))
@@ -298,7 +309,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                 model = build_model(config, list(dp.sessions), trials, device, width)
             seed_other_ranks(config.training_params.seed)
             trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
-            stores = {s: FeatureStore(ts, dp.preload) for s, ts in trials.items()}
+            stores = feature_stores(trials, config)
             if check:
                 log.info("pre-flight check of the model: %.1f s",
                          preflight(model, config, trials, stores, preprocessors, device, width))
@@ -353,7 +364,7 @@ def check_model(config: ExperimentConfig) -> None:
     seed_everything(config.training_params.seed)
     model = build_model(config, list(dp.sessions), trials, torch.device("cpu"), width)
     trials, _ = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
-    stores = {s: FeatureStore(ts, preload=False) for s, ts in trials.items()}
+    stores = {s: FeatureStore(ts, "hdf5") for s, ts in trials.items()}  # reads 4 trials: no cache built here
     seconds = preflight(model, config, trials, stores, preprocessors, torch.device("cpu"), width)
     print(f"pre-flight check of {config.model_constructor_name} on this machine's CPU: passed in {seconds:.1f} s")
 
@@ -438,7 +449,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
             model.load_state_dict(payload["model"])
             trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
                                                 config.data_params.short_trials)
-            stores = {split: FeatureStore(trials[split], config.data_params.preload)}
+            stores = feature_stores(trials, config)
             if check:
                 log.info("pre-flight check of the model: %.1f s",
                          preflight(model, config, trials, stores, preprocessors, device, width))

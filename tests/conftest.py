@@ -1,8 +1,11 @@
 """Shared test helpers: a hand-rolled writer of the Brain-to-Text '25 HDF5 format (independent of
 the synthetic generator, so reader tests can craft odd dtypes and broken files), and paths."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -14,6 +17,11 @@ SHARED = REPO_ROOT.parent / "shared"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("B2T_PLUGINS", "tests.tiny_plugin")
+# Model artefacts and feature caches of the tests' temporary datasets go to a folder of this test
+# session (removed at its end), not to the repository's .cache/.
+if "B2T_CACHE_DIR" not in os.environ:
+    os.environ["B2T_CACHE_DIR"] = tempfile.mkdtemp(prefix="b2t-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["B2T_CACHE_DIR"], ignore_errors=True)
 TINY_CONFIG = REPO_ROOT / "tests" / "tiny_plugin" / "tiny.yml"
 
 

@@ -87,7 +87,7 @@ def test_reference_checkpoint_folder_evaluates_like_the_reference_model(fixture_
     model.load_state_dict(state)
     model.eval()
     trials = read_trials(fixture_sessions_data, ["t15.2023.08.11", "t15.2023.08.13"], "test", 512)
-    batch = collate([(t, x) for t, x in zip(trials, FeatureStore(trials, preload=True))])
+    batch = collate([(t, x) for t, x in zip(trials, FeatureStore(trials, "memory"))])
     batch = gaussian_smoothing(GaussianSmoothingParams())(batch, False)
     with torch.no_grad():
         logits, lengths = model(batch.features, batch.lengths, batch.day_indices)

@@ -24,7 +24,7 @@ def test_reads_train_val_test_and_missing_splits(small_dataset):
     assert t.sentence == "Sentence number 0." and t.phoneme_ids[-1] == 40 and t.block_num == 1
     with h5py.File(t.path) as f:
         stored = f[t.group]["input_features"][()]
-    np.testing.assert_array_equal(FeatureStore(train, preload=True)[0], stored.astype(np.float32))
+    np.testing.assert_array_equal(FeatureStore(train, "memory")[0], stored.astype(np.float32))
 
 
 def test_any_subset_of_sessions_and_day_index_follow_the_given_order(small_dataset):
@@ -44,7 +44,7 @@ def test_any_numeric_dtype_and_bytes_attributes(tmp_path, feature_dtype, label_d
     read = read_trials(tmp_path, ["s1"], "train", 512)
     assert [t.sentence for t in read] == [t["sentence"] for t in trials]
     assert [list(t.phoneme_ids) for t in read] == [t["phonemes"] for t in trials]
-    x = FeatureStore(read, preload=False)[1]
+    x = FeatureStore(read, "hdf5")[1]
     assert x.dtype == np.float32 and x.shape == (len(trials[1]["features"]), 512)
 
 
@@ -87,7 +87,7 @@ def test_eval_batches_in_session_order_in_chunks():
 
 def test_collate_pads_and_tracks_lengths(small_dataset):
     trials = read_trials(small_dataset, ["t15.2023.08.13"], "train", 512)
-    ds = TrialDataset(trials, FeatureStore(trials, preload=True))
+    ds = TrialDataset(trials, FeatureStore(trials, "memory"))
     batch = collate([ds[0], ds[1]])
     assert batch.features.shape[0] == 2 and batch.lengths.tolist() == [t.n_time_steps for t in trials[:2]]
     short = int(batch.lengths.min())
@@ -103,7 +103,7 @@ def test_dataloader_workers_give_identical_batches(small_dataset):
     from torch.utils.data import DataLoader
 
     trials = read_trials(small_dataset, find_sessions(small_dataset), "train", 512)
-    store = FeatureStore(trials, preload=False)
+    store = FeatureStore(trials, "hdf5")
 
     def run(workers):
         sampler = TrainBatchSampler(trials, 8, 2, seed=3, num_steps=4)
@@ -183,7 +183,7 @@ def test_nan_found_when_reading_on_demand_in_a_worker(small_dataset, tmp_path, c
     path = small_dataset / "t15.2023.08.13" / "data_train.hdf5"
     with h5py.File(path, "a") as f:
         f["trial_0001"]["input_features"][0, 0] = np.nan
-    code, err = run_cli(capsys, small_dataset, tmp_path / "run", "--set", "data_params.preload=false",
+    code, err = run_cli(capsys, small_dataset, tmp_path / "run", "--set", "data_params.features=hdf5",
                         "--set", "data_params.num_workers=1", "--set", "training_params.num_steps=30")
     assert_one_line_error(code, err, tmp_path / "run", "trial_0001", "NaN or Inf", only_line=False)
 

@@ -68,7 +68,7 @@ def ctc_setup(data_dir, model_seed=SEED):
 
     sessions = find_sessions(data_dir)
     trials = read_trials(data_dir, sessions, "train", 512)
-    dataset = TrialDataset(trials, FeatureStore(trials, preload=True))
+    dataset = TrialDataset(trials, FeatureStore(trials, "memory"))
     torch.manual_seed(model_seed)
     model = CTCBaseline(CTCBaselineParams(n_days=len(sessions), n_features=512, n_units=16, n_layers=1,
                                           patch_size=2, patch_stride=1, input_dropout=0.0, rnn_dropout=0.0))

@@ -375,7 +375,7 @@ def test_configured_bootstrap_seed_reaches_the_split_metrics(small_dataset):
         trials, preprocessors = runner.prepare_data(config, ["val"])
         torch.manual_seed(0)
         model = TextTiny(config.model_params)
-        stores = {"val": FeatureStore(trials["val"], preload=False)}
+        stores = {"val": FeatureStore(trials["val"], "hdf5")}
         rows, out = runner.decode_splits(model, config, trials, stores, preprocessors, torch.device("cpu"))
         return rows, out["val"]
 

@@ -11,7 +11,7 @@ from harness import runner
 from harness.errors import UserError
 from harness.plugins import load_plugins
 from registry import register_data_preprocessor, register_model_constructor
-from tests.conftest import TINY_CONFIG
+from tests.conftest import REPO_ROOT, TINY_CONFIG
 from tests.tiny_plugin import TinyCTC, TinyParams
 
 load_plugins()
@@ -53,6 +53,14 @@ class BrokenCTC(TinyCTC):
             rows[0]["predicted_phonemes"] = " ".join(["AA"] * (batch.lengths[0].item() + 1))
         return rows
 
+    def evaluate(self, batch, *, with_loss, decode_words=True):
+        parts, rows = super().evaluate(batch, with_loss=with_loss, decode_words=decode_words)
+        if self.breach == "evaluate_rows_only":
+            return rows
+        if self.breach == "evaluate_no_loss":
+            return None, rows
+        return parts, rows
+
 
 @register_model_constructor()
 def broken_ctc(params: BrokenParams, ctx):
@@ -86,15 +94,23 @@ def run_broken(small_dataset, tmp_path, *sets):
     return message
 
 
+# validation's call (the tiny model's rows break the contract there first)
+VALIDATION = r"BrokenCTC.evaluate\(batch, with_loss=True, decode_words=False\)\[1\]"
+
+
 @pytest.mark.parametrize("breach, expected", [
     ("loss_tensor", r"BrokenCTC.loss\(batch\) returned Tensor .*must return a dict with the key 'loss'"),
     ("loss_nan", r"BrokenCTC.loss\(batch\)\['loss'\] is nan .*must be finite"),
     ("loss_vector", r"BrokenCTC.loss\(batch\)\['loss'\] is Tensor .*must be a scalar tensor"),
-    ("rows_short", r"BrokenCTC.decode\(batch\) returned 3 rows for 4 trials"),
-    ("rows_tuple", r"BrokenCTC.decode\(batch\) returned tuple .*list with one dict per trial"),
-    ("phoneme_unknown", r"BrokenCTC.decode\(batch\)\[0\]\['predicted_phonemes'\] holds AA1, not in the phoneme inventory"),
-    ("text_bytes", r"BrokenCTC.decode\(batch\)\[0\]\['predicted_text'\] is bytes .*must be a str"),
-    ("too_many", r"BrokenCTC.decode\(batch\)\[0\] has \d+ phonemes for a trial of \d+ time steps"),
+    ("rows_short", VALIDATION + r" returned 3 rows for 4 trials"),
+    ("rows_tuple", VALIDATION + r" returned tuple .*list with one dict per trial"),
+    ("phoneme_unknown", VALIDATION + r"\[0\]\['predicted_phonemes'\] holds AA1, not in the phoneme inventory"),
+    ("text_bytes", VALIDATION + r"\[0\]\['predicted_text'\] is bytes .*must be a str"),
+    ("too_many", VALIDATION + r"\[0\] has \d+ phonemes for a trial of \d+ time steps"),
+    ("evaluate_rows_only", r"BrokenCTC.evaluate\(batch, with_loss=True, decode_words=False\) returned list .*must "
+                           r"return \(loss parts or None, rows\)"),
+    ("evaluate_no_loss", r"BrokenCTC.evaluate\(batch, with_loss=True, decode_words=False\)\[0\] returned NoneType "
+                         r"None; it must return a dict with the key 'loss'"),
 ])
 def test_a_contract_breach_is_one_line_before_any_folder(small_dataset, tmp_path, breach, expected):
     message = run_broken(small_dataset, tmp_path, f"model_params.breach={breach}")
@@ -130,3 +146,23 @@ def test_the_check_alone_before_a_slurm_submission(small_dataset, capsys):
                                        "model_params.breach=loss_nan"])
     with pytest.raises(UserError, match="must be finite"):
         runner.check_model(broken)
+
+
+def test_a_word_metric_without_validation_words_names_val_decode_words(synthetic_dataset, monkeypatch, tmp_path):
+    """ctc_baseline's tiny config (lexicon + 3-gram) validates on greedy phonemes unless
+    val_decode_words: a best_metric that needs its words is refused, naming the fix."""
+    from config import load_config
+
+    monkeypatch.setenv("B2T_CACHE_DIR", str(tmp_path / "cache"))
+    tiny = REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"
+    sets = [f"data_params.data_dir={synthetic_dataset}", "training_params.best_metric=wer"]  # trials long enough for CTC
+    with pytest.raises(UserError) as caught:
+        runner.check_model(load_config(tiny, sets))
+    message = str(caught.value)
+    assert "\n" not in message and "'wer' is not among the metrics validation reports for CTCBaseline" in message
+    assert "training_params.val_decode_words: true" in message and "per" in message
+    runner.check_model(load_config(tiny, [*sets, "training_params.val_decode_words=true"]))  # passes
+    # a word decoder that writes no words: val_decode_words would not help, so it is not named
+    with pytest.raises(UserError) as caught:
+        runner.check_model(load_config(tiny, [*sets, "model_params.word_decoder={name: greedy}"]))
+    assert "val_decode_words" not in str(caught.value)
