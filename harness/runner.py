@@ -83,7 +83,7 @@ def output_width(preprocessors, n_features: int) -> int:
 
 def read_splits(config: ExperimentConfig, splits, day_index: dict[str, int] | None = None) -> dict:
     dp = config.data_params
-    return {s: read_trials(dp.data_dir, dp.sessions, s, dp.n_features, day_index) for s in splits}
+    return {s: read_trials(dp.data_dir, dp.sessions, s, dp.n_features, day_index, artefact_cache_dir()) for s in splits}
 
 
 def drop_short_trials(trials: dict, min_steps: int, policy: str) -> tuple[dict, dict]:

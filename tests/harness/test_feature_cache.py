@@ -194,3 +194,36 @@ def test_three_processes_hold_the_cached_features_once(big_dataset, tmp_path):
     assert private > 0.9 * feature_bytes, (private, feature_bytes)
     index = json.loads(next((tmp_path / "cache" / "features").glob("*/index.json")).read_text())
     assert index["version"] == feature_cache.FORMAT_VERSION
+
+
+# --- the trial index (labels and trial facts, read by read_trials without opening HDF5 files)
+
+
+def test_the_trial_index_gives_the_same_trials_without_opening_a_file(small_dataset, tmp_path, monkeypatch):
+    sessions = find_sessions(small_dataset)
+    plain = {s: read_trials(small_dataset, sessions, s, 512) for s in ("train", "val", "test")}
+    first = {s: read_trials(small_dataset, sessions, s, 512, cache_dir=tmp_path) for s in ("train", "val", "test")}
+    assert first == plain
+    import harness.data
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("opened an HDF5 file")
+
+    monkeypatch.setattr(harness.data.h5py, "File", no_file)
+    again = {s: read_trials(small_dataset, sessions, s, 512, cache_dir=tmp_path) for s in ("train", "val", "test")}
+    assert again == plain
+    with pytest.raises(UserError, match="expected .T, 256."):  # checks that depend on the config still run
+        read_trials(small_dataset, sessions, "train", 256, cache_dir=tmp_path)
+
+
+def test_the_trial_index_follows_a_changed_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data" / "s1" / "data_train.hdf5"
+    write_split(path, make_trials("s1", 3, rng))
+    before = read_trials(tmp_path / "data", ["s1"], "train", 512, cache_dir=tmp_path / "cache")
+    write_split(path, make_trials("s1", 4, rng))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    after = read_trials(tmp_path / "data", ["s1"], "train", 512, cache_dir=tmp_path / "cache")
+    assert (len(before), len(after)) == (3, 4)
+    assert len(list((tmp_path / "cache" / "trial_index").iterdir())) == 1  # the old index is gone
