@@ -59,11 +59,22 @@ class TrialDataset(Dataset):
         return self.trials[index], self.store[index]
 
 
-def collate(items) -> Batch:
+def collate(items, pad_to_multiple: int = 1) -> Batch:
+    """Pad a list of (trial, features) into a Batch.
+
+    pad_to_multiple: the time axis is zero-padded up to a multiple of it (1: to the longest trial).
+    `lengths` stay the true lengths, so nothing valid changes. What it buys is fewer distinct batch
+    shapes, which bounds torch.compile's recompilations where shapes are static
+    (data_params.pad_to_multiple; benchmarks/gpu_check.py counts them)."""
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be at least 1, got {pad_to_multiple}")
     trials = [t for t, _ in items]
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for _, x in items]
     lengths = torch.tensor([len(x) for x in xs], dtype=torch.int64)
     features = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
+    extra = -features.shape[1] % pad_to_multiple
+    if extra:
+        features = torch.nn.functional.pad(features, (0, 0, 0, extra))
     labelled = [t.phoneme_ids is not None for t in trials]
     phoneme_ids = phoneme_lengths = None
     if all(labelled):

@@ -61,6 +61,9 @@ def check_training_params(config: ExperimentConfig) -> None:
     if config.training_params.grad_accum_steps < 1:
         raise UserError(f"training_params.grad_accum_steps is {config.training_params.grad_accum_steps}: "
                         "it must be at least 1")
+    if config.data_params.pad_to_multiple < 1:
+        raise UserError(f"data_params.pad_to_multiple is {config.data_params.pad_to_multiple}: it must be at least 1 "
+                        "(1 pads each batch to its longest trial)")
 
 
 def shared_run_dir(make) -> Path:

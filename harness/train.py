@@ -15,6 +15,7 @@ and tells the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -324,7 +325,8 @@ def train_loader(trials, store, dp, tp, start_step: int, device: torch.device) -
     sampler = TrainBatchSampler(trials, dp.batch_size, dp.days_per_batch, dp.seed, tp.num_steps, start_step,
                                 rank=distributed.rank(), world_size=distributed.world_size(),
                                 grad_accum_steps=tp.grad_accum_steps)
-    return DataLoader(TrialDataset(trials, store), batch_sampler=sampler, collate_fn=collate,
+    return DataLoader(TrialDataset(trials, store), batch_sampler=sampler,
+                      collate_fn=functools.partial(collate, pad_to_multiple=dp.pad_to_multiple),
                       num_workers=dp.num_workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator())  # own generator: creating the iterator must not draw
                                                     # from the global RNG, or resume would shift it
