@@ -89,7 +89,18 @@ class GRUAlign(GRUEncoder, DecoderModel):
     # -- DecoderModel
 
     def loss(self, batch):
-        hidden, emb, lengths = self.embed(batch)
+        return self.loss_from(self.embed(batch), batch)
+
+    def decode(self, batch):
+        return self.rows_from(self.embed(batch), batch, decode_words=True)
+
+    def evaluate(self, batch, *, with_loss, decode_words=True):
+        outputs = self.embed(batch)  # once, for the losses and the rows
+        parts = self.loss_from(outputs, batch) if with_loss and batch.phoneme_ids is not None else None
+        return parts, self.rows_from(outputs, batch, decode_words)
+
+    def loss_from(self, outputs, batch):
+        hidden, emb, lengths = outputs
         emb = emb.float()
         target, target_lengths = self.batch_targets(batch.sentences, emb.device)
         parts = alignment_losses(
@@ -107,8 +118,10 @@ class GRUAlign(GRUEncoder, DecoderModel):
         targets, lengths = self.batch_targets(sentences, self.target_mean.device)
         self.candidates = build_candidates(sentences, targets, lengths, self.p.align_frames)
 
-    def decode(self, batch):
-        hidden, emb, lengths = self.embed(batch)
+    def rows_from(self, outputs, batch, decode_words: bool) -> list[dict]:
+        """Retrieval, and with the CTC head greedy phonemes and (unless decode_words is false: the
+        search validation on PER skips) the word decoder's text."""
+        hidden, emb, lengths = outputs
         rows = [{} for _ in range(len(batch))]
         if self.candidates is not None:
             ranked = rank_candidates(emb, lengths, self.candidates, self.p.retrieval_score, batch.sentences)
@@ -116,7 +129,8 @@ class GRUAlign(GRUEncoder, DecoderModel):
                 row.update(found)
         if self.ctc_head is not None:
             logits = self.ctc_head(hidden)
-            words = self.word_decoder.decode(log_softmax_cpu(logits), lengths.cpu())
+            words = (self.word_decoder.decode(log_softmax_cpu(logits), lengths.cpu()) if decode_words
+                     else [None] * len(batch))
             for row, phonemes, text in zip(rows, greedy_phonemes(logits, lengths), words):
                 row.update(predicted_phonemes=phonemes, ctc_text=text)
         source = "retrieved_text" if self.p.text_source == "retrieval" else "ctc_text"

@@ -48,17 +48,31 @@ class CTCBaseline(GRUEncoder, DecoderModel):
         return self.out(hidden), out_lengths
 
     def loss(self, batch):
-        logits, out_lengths = self(batch.features, batch.lengths, batch.day_indices)
+        return self.loss_from(self(batch.features, batch.lengths, batch.day_indices), batch)
+
+    def decode(self, batch):
+        return self.rows_from(self(batch.features, batch.lengths, batch.day_indices), decode_words=True)
+
+    def evaluate(self, batch, *, with_loss, decode_words=True):
+        outputs = self(batch.features, batch.lengths, batch.day_indices)  # once, for the loss and the rows
+        parts = self.loss_from(outputs, batch) if with_loss and batch.phoneme_ids is not None else None
+        return parts, self.rows_from(outputs, decode_words)
+
+    def loss_from(self, outputs, batch):
+        logits, out_lengths = outputs
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (P, B, classes), float32 under bf16 too
         per_trial = F.ctc_loss(log_probs, batch.phoneme_ids, out_lengths, batch.phoneme_lengths,
                                blank=BLANK_ID, reduction="none", zero_infinity=self.zero_infinity)
         ctc = per_trial.mean()  # mean over trials, no length normalisation (docs/reference.md, section 6)
         return {"loss": ctc, "ctc": ctc}
 
-    def decode(self, batch):
-        logits, out_lengths = self(batch.features, batch.lengths, batch.day_indices)
+    def rows_from(self, outputs, decode_words: bool) -> list[dict]:
+        """Greedy phonemes, and the word decoder's text unless decode_words is false (its search is
+        what validation on PER skips)."""
+        logits, out_lengths = outputs
         phonemes = greedy_phonemes(logits, out_lengths)
-        texts = self.word_decoder.decode(log_softmax_cpu(logits), out_lengths.cpu())  # None: no text
+        texts = (self.word_decoder.decode(log_softmax_cpu(logits), out_lengths.cpu()) if decode_words
+                 else [None] * len(phonemes))  # None: no text
         return [{"predicted_phonemes": p} | ({"predicted_text": t} if t is not None else {})
                 for p, t in zip(phonemes, texts)]
 

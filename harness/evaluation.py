@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,6 +13,7 @@ from harness.batching import TrialDataset, collate, eval_batches
 from harness.data import FeatureStore, Trial
 from harness.metrics import split_metrics, trial_error_columns
 from harness.phonemes import ids_to_text
+from harness.progress import phase
 
 PREDICTION_KEYS = ("predicted_text", "predicted_phonemes")
 
@@ -31,9 +33,15 @@ def autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, preprocessors, *,
                    device: torch.device, eval_batch_size: int, num_workers: int = 0, amp: bool = False,
-                   bootstrap_resamples: int = 10_000, bootstrap_seed: int = 0, with_loss: bool = False):
+                   bootstrap_resamples: int = 10_000, bootstrap_seed: int = 0, with_loss: bool = False,
+                   decode_words: bool = True, pad_to_multiple: int = 1, name: str | None = None,
+                   show_progress: bool = True):
     """Returns (rows, metrics, mean_loss). Rows follow the per_trial.csv contract plus the model's
     own columns; the mean loss is over labelled batches (None if not asked or unlabeled).
+
+    Each batch goes through `model.evaluate` once (one forward pass for models that override it);
+    `decode_words=False` lets the model skip its word decoder (validation on greedy phonemes).
+    `name` labels the progress bar and its log line (default "decode <split>").
 
     Under torchrun the evaluation batches are shared out (batch i to rank i % N) and gathered on
     rank 0 in the one-process order, so rank 0 gets exactly what one process would; the other ranks
@@ -45,19 +53,26 @@ def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, 
     batches = eval_batches(trials, eval_batch_size)
     mine = list(range(distributed.rank(), len(batches), distributed.world_size()))
     loader = DataLoader(TrialDataset(trials, store), batch_sampler=[batches[i] for i in mine],
-                        collate_fn=collate, num_workers=num_workers,
+                        collate_fn=functools.partial(collate, pad_to_multiple=pad_to_multiple),
+                        num_workers=num_workers,
                         generator=torch.Generator())  # leaves the global RNG (augmentation, dropout) alone
     decoded = []  # (batch index, rows, loss x trials or None)
-    for index, batch in zip(mine, loader):
-        batch = apply_preprocessors(batch.to(device), preprocessors, training=False)
-        loss = None
-        with autocast(device, amp):
-            if with_loss and batch.phoneme_ids is not None:
-                loss = float(model.loss(batch)["loss"]) * len(batch)
-            predictions = model.decode(batch)
-        if len(predictions) != len(batch):
-            raise RuntimeError(f"{type(model).__name__}.decode returned {len(predictions)} rows for {len(batch)} trials")
-        decoded.append((index, [trial_row(t, p) for t, p in zip(batch.trials, predictions)], loss))
+    with phase(name or f"decode {split}", total=sum(len(batches[i]) for i in mine), unit="trial",
+               show=show_progress) as bar:
+        for index, batch in zip(mine, loader):
+            batch = apply_preprocessors(batch.to(device), preprocessors, training=False)
+            labelled = with_loss and batch.phoneme_ids is not None
+            with autocast(device, amp):
+                parts, predictions = model.evaluate(batch, with_loss=labelled, decode_words=decode_words)
+            if len(predictions) != len(batch):
+                raise RuntimeError(f"{type(model).__name__}.evaluate returned {len(predictions)} rows for "
+                                   f"{len(batch)} trials")
+            if labelled and parts is None:
+                raise RuntimeError(f"{type(model).__name__}.evaluate(batch, with_loss=True) returned no loss "
+                                   "for a labelled batch")
+            loss = float(parts["loss"]) * len(batch) if labelled else None
+            decoded.append((index, [trial_row(t, p) for t, p in zip(batch.trials, predictions)], loss))
+            bar.update(len(batch))
     model.train(was_training)
     gathered = distributed.gather_object(decoded)
     if not distributed.is_main():

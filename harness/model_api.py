@@ -7,6 +7,13 @@ A registered model constructor returns a `DecoderModel`. The loop only ever call
 - `decode(batch) -> list[dict]`: one dict per trial, with any of `predicted_text` (str),
   `predicted_phonemes` (space-separated ARPAbet with SIL) and model-specific columns (e.g.
   `true_rank`). The loop adds the reference columns, per-trial error counts and metrics.
+- `evaluate(batch, *, with_loss, decode_words=True) -> (loss parts | None, rows)`: what validation
+  and the final decoding call, once per batch: the loss parts as `loss` returns them (None unless
+  `with_loss` and the batch is labelled) and the rows as `decode` returns them. The default calls
+  `loss` then `decode`, two forward passes; a model that overrides it to share one forward makes
+  every validation cheaper. `decode_words=False` (validation with
+  `training_params.val_decode_words: false`) lets a model skip its word decoder, the expensive
+  search, and write only what is cheap (e.g. greedy phonemes); a model without one ignores it.
 - `param_group(name) -> str`: which optimizer group a parameter belongs to; groups get their
   hyper-parameters from `training_params.param_groups.<group>` (default: one group).
 - `prepare_split(split, trials)`: called once before a split is decoded (e.g. to build the
@@ -38,6 +45,13 @@ class DecoderModel(nn.Module):
 
     def decode(self, batch: Batch) -> list[dict]:
         raise NotImplementedError(f"{type(self).__name__} must implement decode(batch)")
+
+    def evaluate(self, batch: Batch, *, with_loss: bool,
+                 decode_words: bool = True) -> tuple[dict[str, torch.Tensor] | None, list[dict]]:
+        """(loss parts or None, rows) of one evaluation batch. This default runs the model twice
+        (`loss`, then `decode`) and always decodes words; override it to share one forward pass."""
+        parts = self.loss(batch) if with_loss and batch.phoneme_ids is not None else None
+        return parts, self.decode(batch)
 
     def param_group(self, name: str) -> str:
         return "default"

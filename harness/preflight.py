@@ -4,7 +4,9 @@
 returned, not in a traceback at the first validation with an unfinished run folder behind it.
 
 The training batch goes through `loss` as training runs it (train mode, training-time preprocessors),
-the validation batch through `decode` as validation does (eval mode). It leaves no trace: no gradient
+the validation batch through `evaluate` as validation runs it (eval mode, the loss on labelled trials,
+words decoded only with `training_params.val_decode_words`), and again as the final decoding runs it
+(no loss, words decoded). It leaves no trace: no gradient
 is kept, the model is back in its mode, and every random number generator (torch, numpy, random) is
 restored, so a run's results are the same with or without it.
 """
@@ -50,11 +52,15 @@ def preflight(model, config, trials: dict, stores: dict, preprocessors, device, 
             if split is not None:
                 model.prepare_split(split, trials[split])
                 batch = _batch(trials[split], stores[split], preprocessors, device, n_features)
-                with autocast(device, config.training_params.amp_bf16):
-                    rows = model.decode(batch)
-                _check_rows(name, rows, batch)
-                if split == "val" and config.training_params.num_steps > 0:
-                    _check_best_metric(name, model, config, rows, batch)
+                tp = config.training_params
+                validating = split == "val" and tp.num_steps > 0
+                if validating:  # as validation runs it during training
+                    rows = _evaluate(name, model, batch, tp.amp_bf16, device, with_loss=batch.phoneme_ids is not None,
+                                     decode_words=tp.val_decode_words)
+                # as the final decoding runs it: no loss, words decoded
+                final_rows = _evaluate(name, model, batch, tp.amp_bf16, device, with_loss=False, decode_words=True)
+                if validating:
+                    _check_best_metric(name, model, config, rows, final_rows, batch)
         finally:
             model.train(was_training)
     return time.perf_counter() - started
@@ -70,19 +76,34 @@ def _batch(trials, store, preprocessors, device, n_features: int, training: bool
     return batch
 
 
-def _check_loss(name: str, out) -> None:
-    where = f"{name}.loss(batch)"
+def _evaluate(name: str, model, batch, amp: bool, device, *, with_loss: bool, decode_words: bool) -> list:
+    """model.evaluate as evaluate_split calls it; checks the loss parts and the rows, returns the rows."""
+    where = f"{name}.evaluate(batch, with_loss={with_loss}, decode_words={decode_words})"
+    with autocast(device, amp):
+        out = model.evaluate(batch, with_loss=with_loss, decode_words=decode_words)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise ContractError(f"{where} returned {_describe(out)}; it must return (loss parts or None, rows)")
+    parts, rows = out
+    if with_loss:
+        _check_loss(name, parts, where=f"{where}[0]", data="validation")
+    elif parts is not None:
+        raise ContractError(f"{where}[0] is {_describe(parts)}; it must be None when with_loss is False")
+    _check_rows(name, rows, batch, where=f"{where}[1]")
+    return rows
+
+
+def _check_loss(name: str, out, where: str | None = None, data: str = "training") -> None:
+    where = where or f"{name}.loss(batch)"
     if not isinstance(out, dict) or "loss" not in out:
         raise ContractError(f"{where} returned {_describe(out)}; it must return a dict with the key 'loss'")
     loss = out["loss"]
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ContractError(f"{where}['loss'] is {_describe(loss)}; it must be a scalar tensor")
     if not math.isfinite(float(loss)):
-        raise ContractError(f"{where}['loss'] is {float(loss)} on a batch of the training data; it must be finite")
+        raise ContractError(f"{where}['loss'] is {float(loss)} on a batch of the {data} data; it must be finite")
 
 
-def _check_rows(name: str, rows, batch) -> None:
-    where = f"{name}.decode(batch)"
+def _check_rows(name: str, rows, batch, where: str) -> None:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ContractError(f"{where} returned {_describe(rows)}; it must return a list with one dict per trial")
     if len(rows) != len(batch):
@@ -106,15 +127,24 @@ def _check_rows(name: str, rows, batch) -> None:
                                 "time steps after the preprocessors: more outputs than the time dimension allows")
 
 
-def _check_best_metric(name: str, model, config, rows, batch) -> None:
+def _check_best_metric(name: str, model, config, rows, final_rows, batch) -> None:
+    """best_metric must have a value in what validation produces (words only with val_decode_words)."""
+    tp = config.training_params
+    metrics = _metrics(model, rows, batch)
+    if metrics.get(tp.best_metric) is None:  # absent, or null on labelled trials: validation never produces it
+        known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        message = f"training_params.best_metric '{tp.best_metric}' is not among the metrics validation reports for {name}"
+        if not tp.val_decode_words and _metrics(model, final_rows, batch).get(tp.best_metric) is not None:
+            raise ContractError(f"{message} without word decoding ({known}): set training_params.val_decode_words: "
+                                f"true to decode words at every validation, or pick one of those")
+        raise ContractError(f"{message} ({known})")
+
+
+def _metrics(model, rows, batch) -> dict:
     scored = [trial_row(t, r) for t, r in zip(batch.trials, rows)]
     metrics = split_metrics(scored, n_resamples=0)
     metrics.update(model.split_metrics("val", scored))
-    best = config.training_params.best_metric
-    if metrics.get(best) is None:  # absent, or null on labelled trials: the model never produces it
-        known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        raise ContractError(f"training_params.best_metric '{best}' is not among the metrics validation reports for "
-                            f"{name} ({known})")
+    return metrics
 
 
 @contextlib.contextmanager

@@ -370,7 +370,8 @@ def _validate(model, config, trials, stores, preprocessors, device, state, write
     _, metrics, loss = evaluate_split(
         model, "val", trials["val"], stores["val"], preprocessors, device=device,
         eval_batch_size=dp.eval_batch_size, amp=tp.amp_bf16, bootstrap_resamples=0,
-        bootstrap_seed=ev.bootstrap_seed, with_loss=True)
+        bootstrap_seed=ev.bootstrap_seed, with_loss=True, decode_words=tp.val_decode_words,
+        pad_to_multiple=dp.pad_to_multiple, name="validate", show_progress=tp.progress_bar)
     improved = False
     if distributed.is_main():
         improved = _record_validation(metrics, loss, state, writer, tp)

@@ -140,11 +140,32 @@ class LLMDecoder(GRUEncoder, DecoderModel):
 
     # -- DecoderModel
 
-    def loss(self, batch):
+    def brain_outputs(self, batch, lm_space: bool = True) -> tuple:
+        """Everything before the LM, once per batch: (embeddings, GRU outputs, lengths, and with
+        lm_space the LM input embeddings and their lengths, else None)."""
         emb, hidden, lengths = self(batch.features, batch.lengths, batch.day_indices)
+        return emb, hidden, lengths, self.to_lm_space(emb, lengths) if lm_space else None
+
+    def loss(self, batch):
+        return self.loss_from(self.brain_outputs(batch, lm_space=self.p.lm_weight > 0), batch)
+
+    @torch.no_grad()
+    def decode(self, batch):
+        return self.rows_from(self.brain_outputs(batch), batch)
+
+    def evaluate(self, batch, *, with_loss, decode_words=True):
+        """One brain encoder pass shared by the loss and the rows; the LM's teacher-forced pass and
+        its generation stay two. No word decoder here: decode_words changes nothing (generation is
+        the model's only text)."""
+        outputs = self.brain_outputs(batch)
+        parts = self.loss_from(outputs, batch) if with_loss and batch.phoneme_ids is not None else None
+        return parts, self.rows_from(outputs, batch)
+
+    def loss_from(self, outputs, batch):
+        emb, hidden, lengths, lm_space = outputs
         parts, total = {}, 0.0
         if self.p.lm_weight > 0:
-            brain, brain_lengths = self.to_lm_space(emb, lengths)
+            brain, brain_lengths = lm_space
             prompt, after = self.context()
             inputs = training_inputs(prompt, brain, brain_lengths, after, self.sentence_ids(batch.sentences),
                                      self.embed_tokens)
@@ -169,9 +190,8 @@ class LLMDecoder(GRUEncoder, DecoderModel):
             phoneme_ids=batch.phoneme_ids, phoneme_lengths=batch.phoneme_lengths)
 
     @torch.no_grad()
-    def decode(self, batch):
-        emb, hidden, lengths = self(batch.features, batch.lengths, batch.day_indices)
-        brain, brain_lengths = self.to_lm_space(emb, lengths)
+    def rows_from(self, outputs, batch) -> list[dict]:
+        _, hidden, lengths, (brain, brain_lengths) = outputs
         prompt, after = self.context()
         inputs = generation_inputs(prompt, brain, brain_lengths, after)
         g = self.p.generation
