@@ -51,7 +51,7 @@ def trial_row(i, *, split="val", session=None, phonemes=None, words=None, predic
 
 
 def make_run(path, rows, *, keys_hash="data-1", content_hash=None, by_split=None, done=True, model="ctc",
-             trial="tiny", extra_metrics=None, wall_seconds=61.0, history=None):
+             trial="tiny", extra_metrics=None, wall_seconds=61.0, history=None, hash_version=None):
     """A run folder per the results contract; metrics.json computed from the rows as the runner does."""
     path.mkdir(parents=True)
     results.atomic_write_text(path / "config.yaml", f"trial_name: {trial}\nmodel_constructor_name: {model}\n")
@@ -66,7 +66,8 @@ def make_run(path, rows, *, keys_hash="data-1", content_hash=None, by_split=None
     results.write_json(path / "meta.json", {
         "wall_seconds": wall_seconds, "device": "cpu",
         "data_fingerprint": {"sessions": ["s0", "s1"], "n_trials": {"val": len(rows)},
-                             "keys_hash": keys_hash, "content_hash": content_hash, "by_split": by_split}})
+                             "keys_hash": keys_hash, "content_hash": content_hash, "by_split": by_split,
+                             **({"features_hash_version": hash_version} if hash_version else {})}})
     if done:
         results.mark_done(path)
     return path
@@ -210,12 +211,25 @@ def test_runs_that_read_more_splits_of_the_same_data_are_compared(tmp_path):
         compare([str(run_a), str(other_val)], str(tmp_path / "cmp2"), n_resamples=200)
 
 
+def test_features_hashes_of_different_versions_are_not_compared(tmp_path):
+    """A 0.2 run folder (features hashed as one stream, no version) against a 0.3 one (per-trial digests,
+    version 2) on the same data: the keys and labels decide; two version-2 hashes that differ do not match."""
+    rows = [trial_row(i, phonemes=(1, 5)) for i in range(4)]
+    val = {"keys_hash": "k-val"}
+    old = make_run(tmp_path / "old", rows, by_split={"val": {**val, "features_hash": "stream"}})
+    new = make_run(tmp_path / "new", rows, by_split={"val": {**val, "features_hash": "digests"}}, hash_version=2)
+    compare([str(old), str(new)], str(tmp_path / "cmp"), n_resamples=200)
+    other = make_run(tmp_path / "other", rows, by_split={"val": {**val, "features_hash": "other"}}, hash_version=2)
+    with pytest.raises(UserError, match="different data"):
+        compare([str(new), str(other)], str(tmp_path / "cmp2"), n_resamples=200)
+
+
 def test_fingerprint_of_a_split_does_not_depend_on_the_other_splits_read(small_dataset):
     from harness.data import FeatureStore, find_sessions, fingerprint, read_trials
 
     sessions = find_sessions(small_dataset)
     trials = {s: read_trials(small_dataset, sessions, s, 512) for s in ("train", "val", "test")}
-    stores = {s: FeatureStore(ts, True) for s, ts in trials.items()}
+    stores = {s: FeatureStore(ts, "memory") for s, ts in trials.items()}
     with_test = fingerprint(trials, stores)
     without = fingerprint({s: trials[s] for s in ("train", "val")}, {s: stores[s] for s in ("train", "val")})
     assert with_test["keys_hash"] != without["keys_hash"]
