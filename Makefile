@@ -25,10 +25,11 @@ STAMP := .venv/.b2t-setup-stamp
 SYNTH_DIR := data/synthetic
 SYNTH_REPORT := $(SYNTH_DIR)/synth_report.json
 COMPARE_OUT := results/comparison
+GPU_CHECK_OUT := results/gpu_check
 
 DATA_DEST ?= data/b2txt25
 
-.PHONY: help setup test synth data ctc-baseline gru-align llm-decoder compare clean distclean
+.PHONY: help setup test synth data ctc-baseline gru-align llm-decoder compare gpu-check clean distclean
 
 define HELP
 b2t-bench make targets
@@ -43,6 +44,9 @@ b2t-bench make targets
   gru-align     train + evaluate the audio-aligned GRU      (configs/gru_align/gru_align.yml)
   llm-decoder   train + evaluate the LLM-decoded variant    (configs/llm_decoder/llm_decoder.yml)
   compare       compare finished runs into $(COMPARE_OUT)
+  gpu-check     check every GPU path once (bf16, torch.compile and its recompilations, cuDNN packing,
+                the 7B-shaped LLM step, NCCL) on random data, at most 8 min; one table, also in
+                $(GPU_CHECK_OUT).md/.json (benchmarks/gpu_check.py). Without a GPU: says so, exits 0
   clean         remove generated data ($(SYNTH_DIR)), .cache/, __pycache__, .pytest_cache
                 (keeps results/ and .venv)
   distclean     clean, and remove .venv too
@@ -57,6 +61,7 @@ Variables (make TARGET NAME=value)
                 slurm resources: the config's slurm: section, ARGS="--set slurm.gpus_per_node=4"
   ARGS          extra arguments for main.py run / compare [$(ARGS)]
                 e.g. ARGS="--set training_params.num_steps=100", or for compare ARGS=--force
+                (gpu-check: benchmarks/gpu_check.py's, e.g. ARGS="--items a b")
   RUNS          run folders for compare                   [every finished run under results/]
   SETUP_ARGS    arguments for setup.sh, e.g. --force      [$(SETUP_ARGS)]
   DATA_DEST     where `make data` puts the real data       [$(DATA_DEST)]
@@ -107,6 +112,10 @@ $(eval $(call MODEL_RUN,llm-decoder,llm_decoder))
 # Without RUNS, main.py compare takes every run under results/ and lists the unfinished ones.
 compare: $(STAMP)
 	$(PY) main.py compare $(RUNS) --out $(COMPARE_OUT) $(ARGS)
+
+# Needs no data: every item makes its own random batches.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:
 	rm -rf $(SYNTH_DIR) .cache .pytest_cache
