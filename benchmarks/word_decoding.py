@@ -16,8 +16,18 @@ reports the median pass time (sentences/s) and the val WER of each setting, the 
 and the process's peak RSS (VmHWM) with the RSS before any decoder existed. The "chosen" beam is the
 smallest whose WER is within 0.5 points of the best beam's.
 
+Cores: one more subprocess, not pinned, decodes the val split at the published search settings
+(configs/ctc_baseline/b2txt25.yml: 5-gram of the training transcriptions, beam 500, 100-best,
+acoustic scale 0.325, blank penalty 90, beam threshold 17) in batches of 64 as a run does, with
+`num_workers` 1 (the search in this process, one trial after another) and 2, 4, ... up to the cores
+available (word_decoding.parallel's worker processes), the settings taking turns repeat by repeat.
+It reports the median sentences/s of each, the ratio to 1 worker, the CPU time of a pass (this
+process and the workers) and the cores it kept busy, and whether every text is identical to the
+1-worker text. Pools start before the timing (their start is reported apart).
+
     .venv/bin/python benchmarks/word_decoding.py --run RUN_DIR      # a finished ctc_baseline run folder
     .venv/bin/python benchmarks/word_decoding.py --run RUN_DIR --beams 10 50 200 --passes 3 --sentences 20000
+    .venv/bin/python benchmarks/word_decoding.py --run RUN_DIR --lms --workers 1 2 --repeats 3   # cores only
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import ctc_baseline  # noqa: E402,F401  (registers the model)
@@ -54,9 +65,13 @@ from harness.runner import build_preprocessors, load_any_checkpoint  # noqa: E40
 from harness.sentences import generate_sentence, sentence_key  # noqa: E402
 from registry import WORD_DECODERS  # noqa: E402
 from word_decoding.decoders import build_word_decoder, cached_lm, lm_text  # noqa: E402
+from word_decoding.parallel import available_cores  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
 LMS = ["embedded", "large", "large+cmu"]
+# the search settings of configs/ctc_baseline/b2txt25.yml (the reference's), for the cores table
+PUBLISHED = {"lm_order": 5, "beam_size": 500, "nbest": 100, "acoustic_scale": 0.325, "blank_penalty": 90.0,
+             "beam_threshold": 17.0, "lm_weight": 1.0}
 REFERENCE = {"3-gram RAM": "about 60 GB", "5-gram RAM": "about 300 GB",
              "5-gram + OPT-6.7B": "0.6-0.8 s per sentence (1.3-1.7 sentences/s) on an RTX 4090, 12.4 GB GPU"}
 
@@ -76,7 +91,7 @@ def val_log_probs(run_dir: Path, split: str = "val") -> dict:
     model = CTCBaseline(config.model_params)
     model.load_state_dict(payload["model"])
     model.eval()
-    store, preprocessors = FeatureStore(trials, preload=True), build_preprocessors(config)
+    store, preprocessors = FeatureStore(trials, "memory"), build_preprocessors(config)
     log_probs, references = [], []
     with torch.no_grad():
         for chunk in eval_batches(trials, 64):
@@ -172,8 +187,78 @@ def worker(job: dict) -> dict:
     return out
 
 
+def cores_worker(job: dict) -> dict:
+    """The val split decoded in batches by one decoder per worker count; median sentences/s of each."""
+    torch.set_num_threads(1)  # this process pads and waits; the search runs in it only for 1 worker
+    inputs = np.load(job["inputs"], allow_pickle=True)
+    log_probs, references, train = list(inputs["log_probs"]), list(inputs["references"]), list(inputs["train"])
+    batches = []
+    for start in range(0, len(log_probs), job["batch_size"]):  # padded (B, T, 41) and lengths, as a model passes
+        rows = [torch.from_numpy(x) for x in log_probs[start:start + job["batch_size"]]]
+        batches.append((torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), [len(r) for r in rows]))
+    out = {"n_sentences": len(references), "params": job["params"], "cores": available_cores(), "rows": []}
+    decoders, first_call = {}, {}
+    for k in job["workers"]:
+        start = time.perf_counter()
+        decoders[k] = build_word_decoder(ComponentSpec("lexicon_ngram", {**job["params"], "num_workers": k}), train,
+                                         job["cache_dir"])
+        out.setdefault("first_build_s", time.perf_counter() - start)  # the first one builds the LM too
+        start = time.perf_counter()
+        decoders[k].decode(*batches[0])  # starts the pool: the first call's extra cost, outside the timing
+        first_call[k] = time.perf_counter() - start
+    times, cpu, texts, stable = {k: [] for k in decoders}, {k: [] for k in decoders}, {}, True
+    for p in range(job["repeats"]):
+        for k in job["workers"][p % len(decoders):] + job["workers"][:p % len(decoders)]:  # rotate every repeat
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            decoded = [text for batch in batches for text in decoders[k].decode(*batch)]
+            times[k].append(time.perf_counter() - start)
+            cpu[k].append(cpu_seconds() - start_cpu)
+            stable &= texts.setdefault(k, decoded) == decoded
+    for decoder in decoders.values():
+        decoder.close()
+    baseline = statistics.median(times[1])
+    edits, counts = zip(*(word_edits(r, h) for r, h in zip(references, texts[1])))
+    out.update(wer=sum(edits) / sum(counts), repeats_identical=stable)
+    for k in job["workers"]:
+        median = statistics.median(times[k])
+        out["rows"].append({"workers": k, "median_pass_s": median, "pass_s": times[k],
+                            "sentences_per_s": len(references) / median, "ratio": baseline / median,
+                            "cpu_s": statistics.median(cpu[k]), "cores_used": statistics.median(
+                                c / t for c, t in zip(cpu[k], times[k])),
+                            "first_call_s": first_call[k], "text_identical": texts[k] == texts[1]})
+    return out
+
+
+def cpu_seconds() -> float:
+    """CPU time so far of this process and its children (the pools' workers, idle ones included)."""
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def default_workers() -> list[int]:
+    """1, 2, 4, ... and the cores available (1 is the serial baseline)."""
+    counts, cores = [1], available_cores()
+    while counts[-1] * 2 < cores:
+        counts.append(counts[-1] * 2)
+    return counts + [cores] if cores > 1 else counts
+
+
+# The cores job runs this file through `python -c` rather than as a script: the search's worker processes
+# start with "spawn", which re-imports a script __main__ (this one imports torch and the model) in every
+# worker, whereas `main.py`, the __main__ of a real run, imports almost nothing. Under `-c` there is no
+# __main__ file, so the workers import what a run's do (word_decoding, without torch).
+AS_MODULE = "import runpy, sys; sys.exit(runpy.run_path(sys.argv[1], run_name='word_decoding_bench')['main'](sys.argv[2:]))"
+
+
 def run_worker(job: dict) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    command = [sys.executable, "-c", AS_MODULE, __file__] if job["name"] == "cores" else [sys.executable, __file__]
+    result = subprocess.run([*command, "--worker", json.dumps(job)], capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"worker {job['name']} failed:\n{result.stderr[-3000:]}")
@@ -197,13 +282,20 @@ def main(argv=None) -> int:
     ap.add_argument("--default-beam", type=int, default=200, help="the beam of the LM-weight-0 row (the configs')")
     ap.add_argument("--passes", type=int, default=5, help="timed passes over the val split per setting")
     ap.add_argument("--sentences", type=int, default=100_000, help="generated sentences for the large LM")
-    ap.add_argument("--lms", nargs="+", choices=LMS, default=LMS)
+    ap.add_argument("--lms", nargs="*", choices=LMS, default=LMS, help="the one-core tables (none: --lms alone)")
     ap.add_argument("--params", default="{}", help="JSON: lexicon_ngram params for every setting (e.g. acoustic_scale)")
+    ap.add_argument("--workers", type=int, nargs="*", default=None,
+                    help="num_workers values of the cores table (default 1, 2, 4, ... up to the cores; none: "
+                         "--workers alone; 1 is always added)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the val split per worker count")
+    ap.add_argument("--cores-params", default="{}", help="JSON: changes to the published settings, for the cores table")
+    ap.add_argument("--batch-size", type=int, default=64, help="trials per decode call in the cores table (eval_batch_size)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one LM's subprocess
     args = ap.parse_args(argv)
     if args.worker:
-        print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
+        job = json.loads(args.worker)
+        print(RESULT_TAG + json.dumps(cores_worker(job) if job["name"] == "cores" else worker(job)), flush=True)
         return 0
     if not args.run:
         ap.error("--run RUN_DIR is required (a finished ctc_baseline run, e.g. from `make ctc-baseline`)")
@@ -240,6 +332,13 @@ def main(argv=None) -> int:
             result["chosen_beam"] = chosen(result["rows"], lm_weight)["beam_size"]
             results["lms"].append(result)
             print_lm(result, name, args.sentences)
+        workers = default_workers() if args.workers is None else args.workers
+        if workers:
+            job = {"name": "cores", "inputs": str(inputs), "params": {**PUBLISHED, **json.loads(args.cores_params)},
+                   "workers": sorted({1, *workers}), "repeats": args.repeats, "batch_size": args.batch_size,
+                   "cache_dir": str(Path(tmp) / "cache-cores")}
+            results["cores"] = run_worker(job)
+            print_cores(results["cores"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -261,6 +360,26 @@ def print_lm(result: dict, name: str, n_sentences: int) -> None:
         ci = f"[{r['wer_ci'][0]:.3f}, {r['wer_ci'][1]:.3f}]" if r["wer_ci"] else ""
         print(f"| {r['beam_size']}{mark} | {r['lm_weight']:g} | {r['wer']:.3f} {ci} | {r['sentences_per_s']:.0f} | "
               f"{r['ms_per_sentence']:.1f} |")
+
+
+def print_cores(result: dict) -> None:
+    p = result["params"]
+    print(f"\n## cores: {p['lm_order']}-gram of the training transcriptions, beam {p['beam_size']}, {p['nbest']}-best, "
+          f"acoustic scale {p['acoustic_scale']:g}, blank penalty {p['blank_penalty']:g}, beam threshold "
+          f"{p['beam_threshold']:g}; {result['n_sentences']} val sentences per pass in batches, median of "
+          f"{len(result['rows'][0]['pass_s'])} passes; {result['cores']} cores available; val WER {result['wer']:.3f}; "
+          f"LM and first decoder built in {result['first_build_s']:.1f} s")
+    print("| workers | sentences/s | x 1 worker | median pass | CPU per pass | cores used | first batch (with the pool "
+          "start) | text identical to 1 worker |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        name = "1 (in-process)" if r["workers"] == 1 else str(r["workers"])
+        print(f"| {name} | {r['sentences_per_s']:.1f} | {r['ratio']:.2f} | {r['median_pass_s']:.2f} s | {r['cpu_s']:.2f} s | "
+              f"{r['cores_used']:.2f} | {r['first_call_s']:.2f} s | {'yes' if r['text_identical'] else 'NO'} |")
+    same = all(r["text_identical"] for r in result["rows"]) and result["repeats_identical"]
+    print(f"text identical across worker counts and repeats: {'yes' if same else 'NO'}")
+    print("(cores used = CPU time / wall time: below the worker count, the workers waited for a core; on a shared "
+          "machine, Linux's autogroup scheduling gives each session an equal share of the cores)")
 
 
 def platform_summary() -> str:

@@ -82,6 +82,7 @@ class LexiconBeamSearch:
         if not lexicon.pronunciations:
             raise UserError("the lexicon is empty: no vocabulary word has a pronunciation")
         self.params = params
+        self.lexicon, self.lm_path = lexicon, str(lm_path)  # what a worker process needs to build its own copy
         self.words = set(lexicon.words)
         self.word_dict = Dictionary()
         for word in (*lexicon.words, UNK):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from harness.phonemes import BLANK_ID, ids_to_text
+
+if TYPE_CHECKING:  # tensor methods only at run time: importing word_decoding (a search worker does) skips torch
+    import torch
 
 
 def greedy_phonemes(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:

@@ -21,27 +21,32 @@ is). Registered decoders (`python main.py list`):
   word LM (flashlight-text + KenLM, word_decoding.beam_search), optionally followed by n-best LLM
   rescoring (word_decoding.rescoring). The lexicon and LM are built once from the training
   transcriptions (plus any corpus or word-list files) and cached under `<cache_dir>/word_decoding/`
-  by content hash; a user ARPA/KenLM binary and a user lexicon are taken by path instead.
+  by content hash; a user ARPA/KenLM binary and a user lexicon are taken by path instead. The
+  search runs in `num_workers` processes (word_decoding.parallel; default: this rank's share of
+  the cores); `close()` stops them (they also stop when the decoder is collected or the program ends).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from config import ComponentSpec, component
 from harness.errors import UserError
-from harness.metrics import normalize_text
+from harness.progress import phase
 from harness.pronounce import words
 from registry import WORD_DECODERS, register_word_decoder
-from word_decoding import ngram
+from word_decoding import ngram, parallel
 from word_decoding.beam_search import BeamSearchParams, Hypothesis, LexiconBeamSearch
 from word_decoding.lexicon import Lexicon, cmu_lexicon, read_lexicon, read_word_list
 from word_decoding.rescoring import LLMRescorer, LLMRescoringParams
+
+if TYPE_CHECKING:  # tensor methods only: the search's worker processes import this module without torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,9 @@ class NoWords:
     def split_metrics(self, rows: list[dict]) -> dict:
         return {}
 
+    def close(self) -> None:
+        pass
+
 
 @register_word_decoder()
 def greedy(params: None, train_sentences, cache_dir) -> NoWords:
@@ -92,21 +100,39 @@ class LexiconNgramParams(BeamSearchParams):
     lm_path: str | None = None  # an ARPA file or KenLM binary instead of building one
     lm_order: int = 3  # of the LM built from the text
     llm_rescoring: LLMRescoringParams | None = None  # n-best rescoring (set nbest > 1)
+    # search processes: 1 = in this process, one trial after another; N > 1 = N worker processes;
+    # 0 = the cores this process may use divided by the ranks on this machine (LOCAL_WORLD_SIZE)
+    num_workers: int = 0
 
 
 class LexiconNgramDecoder:
     def __init__(self, search: LexiconBeamSearch, rescorer: LLMRescorer | None = None,
-                 report: list[tuple[int, str]] = ()):
-        self.search = search
+                 report: list[tuple[int, str]] = (), workers: int = 1):
+        self.search = search  # this process's own: single-trial calls, and workers == 1
         self.rescorer = rescorer
         self.vocabulary = search.words  # what it can write
         # (level, message) about what was built, logged at the first decode: models are built before
         # the run log exists, and decoding always happens inside it
         self.report = list(report)
+        self.workers = workers
+        self.pool: parallel.SearchPool | None = None  # started at the first call with several trials
 
     def nbest(self, log_probs: torch.Tensor, lengths) -> list[list[Hypothesis]]:
         array = log_probs.detach().float().cpu().numpy()
-        return [self.search.search(array[i, :int(n)]) for i, n in enumerate(lengths)]
+        trials = [array[i, :int(n)] for i, n in enumerate(lengths)]
+        if self.workers < 2 or len(trials) < 2:
+            return [self.search.search(trial) for trial in trials]
+        if self.pool is None:
+            params = BeamSearchParams(**{f.name: getattr(self.search.params, f.name)
+                                         for f in dataclasses.fields(BeamSearchParams)})  # the search's knobs only
+            self.pool = parallel.SearchPool(self.search.lexicon, self.search.lm_path, params, self.workers)
+        return self.pool.search(trials)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later multi-trial decode starts new ones)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def decode(self, log_probs: torch.Tensor, lengths) -> list[str]:
         """(B, T, 41) log-softmax outputs and the valid frames of each row -> one text per row."""
@@ -121,6 +147,8 @@ class LexiconNgramDecoder:
     def split_metrics(self, rows: list[dict]) -> dict:
         """Share of the reference words the decoder cannot write (outside its vocabulary): a floor
         under the WER that no search can remove."""
+        from harness.metrics import normalize_text  # here: it imports scipy, which the search workers skip
+
         references = [normalize_text(r["reference_text"]).split() for r in rows if r.get("reference_text")]
         total = sum(map(len, references))
         if not total:
@@ -131,6 +159,9 @@ class LexiconNgramDecoder:
 
 @register_word_decoder()
 def lexicon_ngram(params: LexiconNgramParams, train_sentences: list[str], cache_dir) -> LexiconNgramDecoder:
+    if params.num_workers < 0:
+        raise UserError(f"num_workers must be 0 (this rank's share of the cores), 1 (no worker process) or more, "
+                        f"got {params.num_workers}")
     given_lm = user_lm(params.lm_path) if params.lm_path else None
     text = lm_text(params, train_sentences)
     lexicon = read_lexicon(params.lexicon_file) if params.lexicon_file else cmu_lexicon(vocabulary(params, text))
@@ -147,12 +178,22 @@ def lexicon_ngram(params: LexiconNgramParams, train_sentences: list[str], cache_
         report.append((logging.WARNING, f"word decoding: {len(missing)} vocabulary words are not in the "
                                         f"dictionary and cannot be decoded: {shown}"))
     search = LexiconBeamSearch(lexicon, str(lm_path), params)
+    workers = parallel.resolve_workers(params.num_workers)
+    report.append((logging.INFO, worker_report(params.num_workers, workers)))
     rescoring = params.llm_rescoring
     rescorer = LLMRescorer(rescoring) if rescoring is not None and rescoring.enabled else None
     if rescorer is not None and params.nbest < 2:
         report.append((logging.WARNING, f"LLM rescoring with nbest {params.nbest} has nothing to choose from: "
                                         "set nbest (the reference: 100)"))
-    return LexiconNgramDecoder(search, rescorer, report)
+    return LexiconNgramDecoder(search, rescorer, report, workers)
+
+
+def worker_report(num_workers: int, workers: int) -> str:
+    cores, ranks = parallel.available_cores(), parallel.local_ranks()
+    how = (f"num_workers 0: {cores} core{'s' * (cores != 1)} / {ranks} rank{'s' * (ranks != 1)} on this machine"
+           if num_workers == 0 else f"num_workers {num_workers}")
+    where = f"{workers} worker processes" if workers > 1 else "this process"
+    return f"word decoding: beam search in {where} ({how})"
 
 
 def lm_text(params: LexiconNgramParams, train_sentences: list[str]) -> list[list[str]]:
@@ -198,7 +239,9 @@ def cached_lm(text: list[list[str]], order: int, folder: Path) -> Path:
     path = folder / f"lm-{order}gram-{digest(key)}.arpa"
     if not path.is_file():
         log.info("building a %d-gram LM from %d sentences with %s", order, len(text), builder)
-        ngram.build_arpa(text, order, path)
+        with phase(f"{order}-gram LM ({builder})", total=len(text), unit="sentence") as bar:
+            ngram.build_arpa(text, order, path)
+            bar.update(len(text))
     return path
 
 

@@ -14,14 +14,12 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from harness.errors import UserError
 from word_decoding.beam_search import Hypothesis
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch is imported inside LLMRescorer: decoders.py imports this module for LLMRescoringParams, and
+# the search's worker processes (parallel.py) import decoders.py but never rescore.
 
 
 @dataclass
@@ -36,6 +34,7 @@ class LLMRescoringParams:
 
 class LLMRescorer:
     def __init__(self, params: LLMRescoringParams):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not 0 <= params.alpha <= 1:
@@ -47,7 +46,7 @@ class LLMRescorer:
                                    if params.device == "auto" else params.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(params.model)
-            self.model = AutoModelForCausalLM.from_pretrained(params.model, dtype=DTYPES[params.dtype])
+            self.model = AutoModelForCausalLM.from_pretrained(params.model, dtype=getattr(torch, params.dtype))
         except (OSError, ValueError) as error:  # not found locally and no hub access, or not a causal LM
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot load the rescoring LLM {params.model!r}: {first} "
@@ -62,22 +61,24 @@ class LLMRescorer:
         ids = self.tokenizer(text)["input_ids"]
         return ids if ids and ids[0] == self.bos_id else [self.bos_id, *ids]
 
-    @torch.no_grad()
     def log_probs(self, texts: list[str]) -> list[float]:
         """Natural-log probability of each text under the LLM, batched, right-padded with a mask."""
+        import torch
+
         scores = []
-        for start in range(0, len(texts), self.params.batch_size):
-            encoded = [self.token_ids(t) for t in texts[start:start + self.params.batch_size]]
-            width = max(map(len, encoded))
-            ids = torch.zeros(len(encoded), width, dtype=torch.long)
-            mask = torch.zeros(len(encoded), width, dtype=torch.long)
-            for row, seq in enumerate(encoded):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            token_log_probs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-            scores += (token_log_probs * mask[:, 1:]).sum(-1).tolist()
+        with torch.no_grad():
+            for start in range(0, len(texts), self.params.batch_size):
+                encoded = [self.token_ids(t) for t in texts[start:start + self.params.batch_size]]
+                width = max(map(len, encoded))
+                ids = torch.zeros(len(encoded), width, dtype=torch.long)
+                mask = torch.zeros(len(encoded), width, dtype=torch.long)
+                for row, seq in enumerate(encoded):
+                    ids[row, :len(seq)] = torch.tensor(seq)
+                    mask[row, :len(seq)] = 1
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+                token_log_probs = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+                scores += (token_log_probs * mask[:, 1:]).sum(-1).tolist()
         return scores
 
     def choose(self, nbests: list[list[Hypothesis]], acoustic_scale: float) -> list[Hypothesis]:

@@ -284,6 +284,9 @@ def test_word_decoder_params_are_checked_strictly(tmp_path):
 
 def test_every_ctc_baseline_config_has_valid_word_decoder_params():
     from config import load_config
+    from harness.plugins import load_plugins
+
+    load_plugins()  # the model and the preprocessors the configs name
 
     for path in sorted((REPO_ROOT / "configs" / "ctc_baseline").glob("*.yml")):
         spec = load_config(path).model_params.word_decoder
@@ -376,7 +379,7 @@ def tiny_run(synthetic_dataset, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny_run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "CACHE_DIR", folder / "cache")
+        patch.setenv("B2T_CACHE_DIR", str(folder / "cache"))  # it overrides runner.CACHE_DIR (the tests set it)
         tiny = REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"
         run_dir = runner.run(str(tiny), [f"data_params.data_dir={synthetic_dataset}"], str(folder / "run"), False, False)
         yield run_dir, folder / "cache"
@@ -398,7 +401,7 @@ def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(tiny_run, 
     # `evaluate` rebuilds the decoder from the data's training transcriptions (the cached LM)
     kaggle = tmp_path / "submission.csv"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "CACHE_DIR", cache)
+        patch.setenv("B2T_CACHE_DIR", str(cache))
         runner.evaluate(str(run_dir), str(synthetic_dataset), "test", str(tmp_path / "eval"), str(kaggle))
     lines = list(csv.reader(open(kaggle)))
     assert lines[0] == ["id", "text"] and len(lines) > 1
@@ -414,11 +417,17 @@ def test_the_benchmark_script_runs_at_a_toy_size(tiny_run, tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     assert bench.main(["--run", str(tiny_run[0]), "--beams", "2", "8", "--default-beam", "8", "--passes", "1",
-                       "--lms", "large", "--sentences", "300", "--json", str(out)]) == 0
+                       "--lms", "large", "--sentences", "300", "--workers", "2", "--repeats", "1",
+                       "--cores-params", '{"lm_order": 3, "beam_size": 8, "nbest": 4}', "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert [lm["lm"] for lm in results["lms"]] == ["large"] and results["lms"][0]["vocabulary"] > 100
     for lm in results["lms"]:
         assert [(r["beam_size"], r["lm_weight"]) for r in lm["rows"]] == [(8, 1.0), (2, 1.0), (8, 0.0)]
         assert all(r["sentences_per_s"] > 0 and 0 <= r["wer"] for r in lm["rows"])
         assert lm["peak_rss_one_decoder_mb"] >= lm["rss_before_decoder_mb"] > 0 and lm["chosen_beam"] in (2, 8)
-    assert "| beam | LM weight |" in capsys.readouterr().out
+    cores = results["cores"]
+    assert cores["params"]["beam_size"] == 8 and cores["params"]["blank_penalty"] == 90  # the published, but the beam
+    assert [r["workers"] for r in cores["rows"]] == [1, 2] and cores["rows"][0]["ratio"] == 1
+    assert all(r["text_identical"] and r["sentences_per_s"] > 0 for r in cores["rows"]) and cores["repeats_identical"]
+    printed = capsys.readouterr().out
+    assert "| beam | LM weight |" in printed and "text identical across worker counts and repeats: yes" in printed
