@@ -871,8 +871,10 @@ def run_item(item: Item, ctx: Context, emit) -> None:
 def run_item_subprocess(item: Item, args, budget: float, log_file) -> list[dict]:
     """The item in its own process: rows come back on its stdout as they are made; a crash, hang or
     kill loses only the rows not yet made."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", item.key, "--budget", f"{budget:.0f}",
-           "--device", args.device, "--compile-backend", args.compile_backend] + ["--tiny"] * args.tiny
+    # an absolute deadline (the monotonic clock is the machine's): the child's imports count against its budget
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", item.key, "--deadline",
+           f"{time.monotonic() + budget:.3f}", "--device", args.device, "--compile-backend", args.compile_backend]
+    cmd += ["--tiny"] * args.tiny
     rows, lines = [], []
 
     def read(stream):
@@ -920,10 +922,13 @@ def machine(device: torch.device) -> dict:
             platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": str(device)}
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+        try:  # a detail missing here must not cost the checks
+            info["gpu"] = torch.cuda.get_device_name(device)
+            info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+            info["cudnn"] = torch.backends.cudnn.version()
+            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception as error:
+            info["gpu_info_error"] = first_line(error)
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         info["transformers"] = importlib.metadata.version("transformers")  # without importing it
     return info
@@ -977,7 +982,7 @@ def parse_args(argv=None):
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="each item in its own process (default: on CUDA)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one item, rows on stdout
-    ap.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # time.monotonic() value
     args = ap.parse_args(argv)
     if args.compile_backend is None:
         args.compile_backend = "inductor" if args.device.startswith("cuda") else "eager"
@@ -1005,7 +1010,7 @@ def main(argv=None) -> int:
 
     if args.child:  # one item in this process, rows on stdout
         item = next(i for i in ITEMS if i.key == args.child)
-        ctx = Context(device, sizes, args.tiny, args.compile_backend, start + args.budget - 2)
+        ctx = Context(device, sizes, args.tiny, args.compile_backend, args.deadline - 2)
         run_item(item, ctx, lambda row: print(ROW_TAG + json.dumps(row, default=str), flush=True))
         return 0
 
