@@ -115,6 +115,11 @@ class GRUEncoder(nn.Module):
         h0 = self.h0.expand(self.n_layers, x.shape[0], self.n_units).contiguous()
         return self.gru(x, h0)[0], self.output_lengths(lengths)
 
+    # Not compiled: every tensor size here follows the batch's true lengths (nonzero, the packed layout's
+    # batch_sizes), so torch.compile recompiled at every batch until its recompile limit (measured:
+    # tests/gru_decoder/test_compile_and_precision.py). The work is cuDNN's packed GRU on CUDA and
+    # packed_gru's own layer on CPU, neither of which compile would fuse; the heads after it still compile.
+    @torch.compiler.disable
     def encode_packed(self, features: torch.Tensor, lengths: torch.Tensor, day_indices: torch.Tensor):
         """As encode, computing only what valid outputs read (outputs past each valid length are zeros)."""
         B, T, C = features.shape

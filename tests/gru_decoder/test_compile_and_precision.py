@@ -88,6 +88,13 @@ def test_automatic_dynamic_shapes_recompile_once_without_buckets():
     assert sum(per_batch) <= 2 * per_batch[0] and sum(per_batch[2:]) == 0, per_batch
 
 
+def test_the_packed_encoder_does_not_recompile_per_batch():
+    """pack_sequences (every config's choice): the packed encoder runs outside the compiled graphs (its
+    sizes follow the true lengths); what is compiled around it recompiles at most once, as above."""
+    per_batch = graphs_compiled(model(pack=True), [batch_of(n, i) for i, n in enumerate(BATCH_MAX)], dynamic=None)
+    assert sum(per_batch[2:]) == 0 and sum(per_batch) <= 2 * max(1, per_batch[0]), per_batch
+
+
 def test_bf16_autocast_ctc_loss_matches_fp32():
     # pack_sequences false: packed_gru's hand-written CPU layer writes into preallocated fp32/bf16 buffers and
     # is not autocast-safe; the harness autocasts on CUDA only, where the packed path runs nn.GRU (cuDNN).
