@@ -673,22 +673,6 @@ def llm_benchmark():
     return module
 
 
-def fix_rotary_buffers(model) -> int:
-    """llm_decoder_step builds the LM on the meta device and then calls to_empty(), which leaves the
-    non-persistent rotary buffers (inv_freq) uninitialised: garbage frequencies, at random NaN losses.
-    Recompute them (float32, as the rotary module makes them); returns how many modules were fixed."""
-    fixed = 0
-    for module in model.modules():
-        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "config"):
-            with torch.device("cpu"):
-                fresh = type(module)(config=module.config)
-            for name, buffer in fresh.named_buffers(recurse=False):
-                setattr(module, name, buffer.to(getattr(module, name).device))
-            module.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
-            fixed += 1
-    return fixed
-
-
 def item_llm(checkpointing: bool):
     def item(ctx: Context, emit) -> None:
         def run():
@@ -705,8 +689,6 @@ def item_llm(checkpointing: bool):
             build = time.perf_counter()
             torch.manual_seed(SEED)
             model = bench.build_qwen2_audio_shaped(config, trials, ctx.device, getattr(bench, ctx.sizes.llm_text))
-            if not fix_rotary_buffers(model):
-                raise RuntimeError("no rotary embedding found to initialise: has the LM's structure changed?")
             model.train()
             build = time.perf_counter() - build
             free_memory(ctx.device)  # the fp32 -> bf16 copy of the build is not the step's memory

@@ -81,6 +81,22 @@ class RandomTargets:
         return {s: self.frames[s] for s in sentences}
 
 
+def fix_rotary_buffers(model) -> int:
+    """Building on the meta device and then calling to_empty() leaves the non-persistent rotary buffers
+    (inv_freq) uninitialised: garbage frequencies, and now and then NaN losses. Recompute them (float32,
+    as the rotary module makes them); returns how many modules were fixed."""
+    fixed = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "config"):
+            with torch.device("cpu"):
+                fresh = type(module)(config=module.config)
+            for name, buffer in fresh.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(getattr(module, name).device))
+            module.attention_scaling = getattr(fresh, "attention_scaling", 1.0)
+            fixed += 1
+    return fixed
+
+
 def build_qwen2_audio_shaped(config, trials, device, text: dict):
     """An LLMDecoder whose LM has Qwen2-Audio's architecture at the `text` shapes, random weights."""
     from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration
@@ -103,6 +119,8 @@ def build_qwen2_audio_shaped(config, trials, device, text: dict):
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
+    if not fix_rotary_buffers(full):
+        raise RuntimeError("no rotary embedding found to initialise: has the LM's structure changed?")
     lm, projector = split_qwen2_audio(full)
     del full
     # a BPE over the training sentences (about one token per word, like Qwen's 151k vocabulary on this
