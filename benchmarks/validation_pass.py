@@ -104,10 +104,11 @@ def ctc_model(args):
 
 
 def gru_align_model(args):
-    units, layers = {"tiny": (64, 1), "default": (256, 2)}[args.gru_size]
+    units, layers, rnn_dropout = {"tiny": (64, 1, 0.0), "default": (256, 2, 0.4)}[args.gru_size]  # as the configs
     torch.manual_seed(0)
     p = GRUAlignParams(n_days=8, n_features=N_FEATURES, n_units=units, n_layers=layers, patch_size=14, patch_stride=4,
-                       pack_sequences=False, loss_weights=LossWeights(cosine=1.0, infonce=1.0, ctc=1.0))
+                       rnn_dropout=rnn_dropout, pack_sequences=False,
+                       loss_weights=LossWeights(cosine=1.0, infonce=1.0, ctc=1.0))
     model = GRUAlign(p, FixedTargets(), EvaluationParams())
     return model, make_batches(args.batches, 64, 8, args.mean_bins, (14, 4), seed=2)
 
