@@ -69,12 +69,16 @@ def collate(items, pad_to_multiple: int = 1) -> Batch:
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be at least 1, got {pad_to_multiple}")
     trials = [t for t, _ in items]
-    xs = [torch.from_numpy(np.ascontiguousarray(x)) for _, x in items]
-    lengths = torch.tensor([len(x) for x in xs], dtype=torch.int64)
-    features = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
-    extra = -features.shape[1] % pad_to_multiple
-    if extra:
-        features = torch.nn.functional.pad(features, (0, 0, 0, extra))
+    arrays = [np.asarray(x) for _, x in items]
+    lengths = torch.tensor([len(x) for x in arrays], dtype=torch.int64)
+    steps = max(len(x) for x in arrays)
+    steps += -steps % pad_to_multiple
+    # One copy of each trial, straight from where the store keeps it (the read-only memory-mapped cache,
+    # or preloaded arrays) into the zero-padded batch: no per-trial tensor, no second copy to pad.
+    padded = np.zeros((len(arrays), steps, arrays[0].shape[1]), dtype=arrays[0].dtype)
+    for row, x in zip(padded, arrays):
+        row[: len(x)] = x
+    features = torch.from_numpy(padded)
     labelled = [t.phoneme_ids is not None for t in trials]
     phoneme_ids = phoneme_lengths = None
     if all(labelled):

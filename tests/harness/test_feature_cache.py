@@ -36,7 +36,7 @@ def test_cache_gives_the_hdf5_features_and_the_memory_hash(small_dataset, tmp_pa
     for split, ts in trials.items():
         for i in range(len(ts)):
             x = cached[split][i]
-            assert x.dtype == np.float32 and x.flags.writeable and x.shape == (ts[i].n_time_steps, 512)
+            assert x.dtype == np.float32 and not x.flags.writeable and x.shape == (ts[i].n_time_steps, 512)
             np.testing.assert_array_equal(x, on_demand[split][i])
         assert cached[split].content_hash() == memory[split].content_hash() is not None
         assert on_demand[split].content_hash() is None
