@@ -25,12 +25,6 @@ N_VAL = 40  # val trials decoded: a few batches (generation is the slow part of 
 QUICK = {"llm_decoder": ["model_params.lm.tiny.steps=60", "model_params.generation.max_new_tokens=8"]}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Word decoders, targets and tiny LMs of these tests live in one temp folder, not in .cache/."""
-    monkeypatch.setenv("B2T_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "b2t_cache"))
-
-
 def build(name: str, dataset, *sets):
     """The model of configs/<name>/tiny.yml (untrained), its val trials, their store, the preprocessors."""
     config = load_config(REPO_ROOT / "configs" / name / "tiny.yml", [f"data_params.data_dir={dataset}", *sets])
