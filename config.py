@@ -397,15 +397,20 @@ def load_config(path: Path | str | None = None, overrides: list[str] = (), data:
         dp = config.data_params
         dp.features = "memory" if dp.preload else "hdf5"
         warnings.warn(f"{source}: data_params.preload is retired: it means data_params.features: {dp.features} (the "
-                      "default, cache, shares one memory-mapped copy among all processes)", DeprecationWarning, stacklevel=2)
+                      "default, cache, shares one memory-mapped copy among all processes)", RetiredKeyWarning, stacklevel=2)
         dp.preload = None
     if config.config_setter_name in RETIRED_SETTERS:
         warnings.warn(f"{source}: config_setter_name {config.config_setter_name} is no longer needed (the harness "
-                      "fills n_days and n_features itself): drop the key", DeprecationWarning, stacklevel=2)
+                      "fills n_days and n_features itself): drop the key", RetiredKeyWarning, stacklevel=2)
         config.config_setter_name = None
     if config.config_setter_name is not None:
         _lookup(CONFIG_SETTERS, config.config_setter_name, where, "config_setter_name")
     return config
+
+
+class RetiredKeyWarning(DeprecationWarning):
+    """A config key or value that still works but is retired. Python hides a DeprecationWarning unless it
+    is raised by __main__ (these come from load_config's callers), so main.py shows this one to users."""
 
 
 # Setters of the shipped models that only filled n_days and n_features, which the harness now fills

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 
 from harness.errors import UserError
 from harness.plugins import PluginImportError
@@ -144,6 +145,9 @@ def print_registries() -> None:
 
 
 def main(argv=None) -> int:
+    from config import RetiredKeyWarning  # here, not at the top: spawned workers re-import this file
+
+    warnings.simplefilter("default", RetiredKeyWarning)  # a retired key in a user's config is news to them
     args = parse_args(argv)
     try:
         return dispatch(args)

@@ -127,17 +127,18 @@ def open_cached(trials_per_file: dict[str, dict[str, int]], cache_dir: str | Pat
     rank, world = int(os.environ.get("LOCAL_RANK", "0")), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     start = (rank * len(ordered)) // world if ordered else 0
     ordered = ordered[start:] + ordered[:start]
-    found = {}
-    missing = [p for p in ordered if _read_entry(root, Path(p)) is None]
-    if not missing:
-        return {path: _entry(root, Path(path), trials_per_file[path], None) for path in ordered}
-    total = sum(sum(trials_per_file[p].values()) for p in missing)
-    # the phase's line: "feature cache (7 new files in .cache/features): 9120 bins in 2.1 s"
-    with phase(f"feature cache ({len(missing)} new file{'s' if len(missing) > 1 else ''} in {root})", total=total,
-               unit="bin") as bar:
-        for path in ordered:
-            found[path] = _entry(root, Path(path), trials_per_file[path], bar)
-    return found
+    entries = {path: _read_entry(root, Path(path)) for path in ordered}  # one read of each index per start
+    missing = [p for p in ordered if entries[p] is None]
+    if missing:
+        total = sum(sum(trials_per_file[p].values()) for p in missing)
+        # the phase's line: "feature cache (7 new files in .cache/features): 9120 bins in 2.1 s"
+        with phase(f"feature cache ({len(missing)} new file{'s' if len(missing) > 1 else ''} in {root})",
+                   total=total, unit="bin") as bar:
+            for path in missing:
+                entries[path] = _build_entry(root, Path(path), bar)
+    for path, entry in entries.items():
+        _check_covers(entry, Path(path), trials_per_file[path])
+    return entries
 
 
 def _read_entry(root: Path, path: Path) -> CachedFile | None:
@@ -151,18 +152,16 @@ def _read_entry(root: Path, path: Path) -> CachedFile | None:
     return CachedFile(folder, index)
 
 
-def _entry(root: Path, path: Path, groups: dict[str, int], bar) -> CachedFile:
-    entry = _read_entry(root, path)
-    if entry is None:
-        identity = file_identity(path)
-        key = entry_key(identity)
-        with _locked(root / f"{key}.lock"):
-            entry = _read_entry(root, path)  # another process may have built it while we waited
-            if entry is None:
-                _build(root, key, identity, path, bar)
-                _remove_stale(root, identity, key)
-                entry = _read_entry(root, path)
-    _check_covers(entry, path, groups)
+def _build_entry(root: Path, path: Path, bar) -> CachedFile:
+    """Build the missing entry of `path`, unless another process does it while we wait for the lock."""
+    identity = file_identity(path)
+    key = entry_key(identity)
+    with _locked(root / f"{key}.lock"):
+        entry = _read_entry(root, path)  # another process may have built it while we waited
+        if entry is None:
+            _build(root, key, identity, path, bar)
+            _remove_stale(root, identity, key)
+            entry = _read_entry(root, path)
     return entry
 
 

@@ -84,7 +84,8 @@ class BuildContext:
             return self.trials["train"]
         if self._train is None:
             dp = self.config.data_params
-            self._train = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features)
+            self._train = read_trials(dp.data_dir, dp.sessions or find_sessions(dp.data_dir), "train", dp.n_features,
+                                      cache_dir=self.cache_dir)
             log.info("training transcriptions: the %d training trials in %s", len(self._train), dp.data_dir)
         return self._train
 

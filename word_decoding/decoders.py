@@ -28,7 +28,6 @@ is). Registered decoders (`python main.py list`):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -123,9 +122,7 @@ class LexiconNgramDecoder:
         if self.workers < 2 or len(trials) < 2:
             return [self.search.search(trial) for trial in trials]
         if self.pool is None:
-            params = BeamSearchParams(**{f.name: getattr(self.search.params, f.name)
-                                         for f in dataclasses.fields(BeamSearchParams)})  # the search's knobs only
-            self.pool = parallel.SearchPool(self.search.lexicon, self.search.lm_path, params, self.workers)
+            self.pool = parallel.SearchPool(self.search.lexicon, self.search.lm_path, self.search.params, self.workers)
         return self.pool.search(trials)
 
     def close(self) -> None:
