@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 import warnings
@@ -57,6 +58,49 @@ def components(registry: Registry):
     return field(default_factory=list, metadata={"registry": registry})
 
 
+# Value checks. A config dataclass may define `problems(self)`, yielding (field name, problem) for
+# values its type allows but a run cannot use (a batch size of 0, a dropout of 1.5). Loading calls it
+# on every section and component params, so the error names the file (or --set) and the key path
+# before anything is made. These helpers write the common checks.
+
+
+def at_least(obj, minimum, *names):
+    """Each named field (None allowed: it means a default) is a number >= minimum."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= minimum:  # `not >=` also catches NaN
+            yield name, f"is {value}: it must be at least {minimum}"
+
+
+def above(obj, minimum, *names):
+    """Each named field (None allowed) is a finite number > minimum."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (value > minimum and math.isfinite(value)):
+            yield name, f"is {value}: it must be a finite number above {minimum}"
+
+
+def non_negative(obj, *names):
+    """Each named field (None allowed) is a finite number >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            yield name, f"is {value}: it must be a finite number, 0 or more"
+
+
+def fraction(obj, *names):
+    """Each named field (None allowed) is in [0, 1): a probability of dropping, a decay rate."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not 0 <= value < 1:
+            yield name, f"is {value}: it must be at least 0 and below 1"
+
+
+def check_values(obj) -> list[tuple[str, str]]:
+    """The (field, problem) pairs obj.problems() reports; none for a class without value checks."""
+    return list(obj.problems()) if hasattr(obj, "problems") else []
+
+
 @dataclass
 class DataParams:
     data_dir: str = "data/synthetic"  # the folder holding the session folders (hdf5_data_final/)
@@ -78,6 +122,10 @@ class DataParams:
     pad_to_multiple: int = 1
     short_trials: Literal["skip", "error"] = "skip"  # trials shorter than the model's minimum
 
+    def problems(self):
+        yield from at_least(self, 1, "n_features", "batch_size", "days_per_batch", "eval_batch_size", "pad_to_multiple")
+        yield from at_least(self, 0, "num_workers")
+
 
 @dataclass
 class ParamGroupParams:
@@ -88,6 +136,16 @@ class ParamGroupParams:
     lr_warmup_steps: int | None = None
     lr_decay_steps: int | None = None
     weight_decay: float | None = None
+
+    def problems(self):
+        yield from learning_rate_problems(self)
+
+
+def learning_rate_problems(params):
+    """The learning-rate schedule's values (TrainingParams and ParamGroupParams share them)."""
+    yield from non_negative(params, "lr_max", "lr_min", "weight_decay")
+    yield from at_least(params, 0, "lr_warmup_steps")
+    yield from at_least(params, 1, "lr_decay_steps")
 
 
 @dataclass
@@ -123,10 +181,19 @@ class TrainingParams:
     val_decode_words: bool = False
     best_metric: str = "per"  # key of the model's validation metrics that picks the best checkpoint
     best_mode: Literal["min", "max"] = "min"
-    early_stop_patience: int | None = None  # validations without improvement before stopping
+    early_stop_patience: int | None = None  # validations without improvement before stopping (None or 0: never)
     checkpoint_every: int = 200  # steps between resumable checkpoints (0: never)
     log_every: int = 20
     progress_bar: bool = True
+
+    def problems(self):
+        yield from at_least(self, 0, "num_steps", "val_every", "checkpoint_every")
+        yield from at_least(self, 1, "grad_accum_steps", "log_every")
+        yield from at_least(self, 0, "early_stop_patience")
+        yield from learning_rate_problems(self)
+        yield from above(self, 0, "eps", "grad_norm_clip")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            yield "betas", f"is {self.betas}: it must be two numbers, each at least 0 and below 1"
 
 
 @dataclass
@@ -135,6 +202,11 @@ class EvaluationParams:
     use_best_checkpoint: bool = True  # decode with the best validated weights, not the last
     bootstrap_resamples: int = 10_000
     bootstrap_seed: int = 0
+
+    def problems(self):
+        yield from at_least(self, 0, "bootstrap_resamples")
+        if not self.splits:
+            yield "splits", "is empty: name at least one of train, val, test"
 
 
 @dataclass
@@ -160,6 +232,11 @@ class SlurmParams:
     log_dir: str = "results/slurm"  # submitit's job folders: <log_dir>/<job id>/
     sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # other sbatch options, e.g. {qos: high}
 
+    def problems(self):
+        yield from at_least(self, 1, "nodes", "cpus_per_task", "time_min", "array_parallelism")
+        yield from at_least(self, 0, "gpus_per_node", "max_timeouts")
+        yield from above(self, 0, "mem_gb")
+
 
 @dataclass
 class ExperimentConfig:
@@ -172,6 +249,21 @@ class ExperimentConfig:
     evaluation: EvaluationParams = field(default_factory=EvaluationParams)
     output: OutputParams = field(default_factory=OutputParams)
     slurm: SlurmParams = field(default_factory=SlurmParams)
+
+    def problems(self):
+        problem = name_problem(self.trial_name)
+        if problem:
+            yield "trial_name", problem
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a folder name inside results_dir (None if it can): run folders are named
+    after trial_name, so a separator, '..' or an absolute path would put one somewhere else."""
+    if not name.strip():
+        return "is empty: it names the run folder"
+    if "/" in name or "\\" in name or name in (".", "..") or any(ord(c) < 32 for c in name):
+        return f"{name!r} is not a plain name (no '/', '\\', control characters, '.' or '..'): it names the run folder"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +285,8 @@ class _Where:
         self.overridden = overridden
 
     def error(self, path: str, problem: str) -> UserError:
-        if any(path == o or path.startswith((o + ".", o + "[")) for o in self.overridden):
+        if any(path == o or path.startswith((o + ".", o + "[")) or o.startswith((path + ".", path + "["))
+               for o in self.overridden):
             return UserError(f"--set {path}: {problem}")
         return UserError(f"{self.source}: {path}: {problem}")
 
@@ -256,7 +349,10 @@ def _dataclass_from_data(cls, data, where, path):
             values[name] = from_data(hints[name], to_data(default), where, _join(path, name))
         if "registry" in f.metadata and name in values:
             values[name] = _typed_specs(f.metadata["registry"], values[name], where, _join(path, name))
-    return cls(**values)
+    obj = cls(**values)
+    for name, problem in check_values(obj):
+        raise where.error(_join(path, name), problem)
+    return obj
 
 
 def _typed_specs(registry: Registry, value, where, path):
@@ -334,7 +430,9 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a text file in UTF-8 (byte {error.start}): a config is YAML text") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -345,28 +443,70 @@ def read_yaml(path: Path) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
-    """Apply `a.b=VALUE` strings (VALUE parsed as YAML) to nested dict `data`; returns the paths."""
+    """Apply `a.b=VALUE` strings (VALUE parsed as YAML) to nested dict `data`; returns the paths.
+    A list element is named by its index: `training_params.betas.0=0.8` or `data_params.preprocessors[0].name=x`,
+    in a list the file (or an earlier --set) gives."""
     paths = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set training_params.num_steps=100")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise UserError(f"--set {item!r}: VALUE is not valid YAML") from None
-        parts = key.strip().split(".")
+        parts = _key_parts(key)
         node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = _parts_path(parts[: i + 1])
+            if isinstance(node, list):
+                if not isinstance(part, int):
+                    raise UserError(f"--set {key}: {_parts_path(parts[:i])} is a list: name an element by its index, "
+                                    f"e.g. {_parts_path(parts[:i])}[0]")
+                if not -len(node) <= part < len(node):
+                    raise UserError(f"--set {key}: {_parts_path(parts[:i])} has {len(node)} elements, no [{part}]")
+            elif isinstance(part, int):
+                raise UserError(f"--set {key}: {_parts_path(parts[:i]) or '(top level)'} is not a list")
+            if last:
+                node[part] = value
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
+            if child is None and not isinstance(parts[i + 1], int):
                 child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+            if child is None:  # a list left at its default: the file does not hold it to index into
+                raise UserError(f"--set {key}: {where} is not in the config given: set the whole list, "
+                                f"e.g. --set {where}=[...]")
+            if not isinstance(child, (dict, list)):
+                raise UserError(f"--set {key}: {where} is not a mapping or a list")
             node = child
-        node[parts[-1]] = value
-        paths.add(key.strip())
+        paths.add(_parts_path(parts))
     return paths
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """'a.b[0].c' and 'a.b.0.c' -> ['a', 'b', 0, 'c']."""
+    parts: list[str | int] = []
+    for piece in key.replace("[", ".[").split("."):
+        if piece.startswith("[") and piece.endswith("]") and piece[1:-1].lstrip("-").isdigit():
+            parts.append(int(piece[1:-1]))
+        elif piece.lstrip("-").isdigit():
+            parts.append(int(piece))
+        elif piece and "[" not in piece and "]" not in piece:
+            parts.append(piece)
+        else:
+            raise UserError(f"--set {key}: expected KEY.PATH of names and list indices, e.g. "
+                            "data_params.preprocessors[0].params.std")
+    return parts
+
+
+def _parts_path(parts) -> str:
+    """The key path as error messages write it: a.b[0].c."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
 
 
 def params_type(fn) -> type | None:
@@ -378,10 +518,11 @@ def params_type(fn) -> type | None:
     return cls if dataclasses.is_dataclass(cls) else None
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] = (), data: dict | None = None) -> ExperimentConfig:
+def load_config(path: Path | str | None = None, overrides: list[str] = (), data: dict | None = None,
+                source: str | None = None) -> ExperimentConfig:
     """Read a YAML config (or a dict), apply `--set` overrides, validate everything, type the
-    model and preprocessor params by their registered functions."""
-    source = str(path) if path is not None else "config"
+    model and preprocessor params by their registered functions. Errors name `source` (default: the file)."""
+    source = source or (str(path) if path is not None else "config")
     raw = read_yaml(Path(path)) if data is None else copy.deepcopy(data)
     overridden = apply_overrides(raw, list(overrides))
     where = _Where(source, overridden)

@@ -7,6 +7,7 @@ exit status 2; a model folder that fails to import shows its traceback and its n
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 import warnings
@@ -161,6 +162,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the run's files are written atomically: what was there is intact, and --resume goes on
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"error: no space left on device{where} (free some space, then --resume)", file=sys.stderr)
+        return 2
 
 
 def one_line(message: str) -> str:

@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from alignment.targets import SAMPLE_RATE, register_audio_encoder, weights_digest
+from config import at_least
 from harness.errors import UserError
 
 HOP = 160  # Whisper log-mels: one frame per 10 ms at 16 kHz
@@ -33,7 +34,11 @@ class LogMelParams:
     pool: int = 4  # 10 ms mel frames averaged into one target frame: 4 -> 40 ms, Qwen2-Audio's frame rate
     normalize: Literal["none", "mean", "mean_std"] = "none"  # "mean"/"mean_std": per utterance and mel channel
     dim: int | None = None  # None: n_mels; else a fixed random projection (seeded) to this width
-    projection_seed: int = 0
+    projection_seed: int = 0  # numpy's generator: 0 or more
+
+    def problems(self):
+        yield from at_least(self, 1, "pool", "dim")
+        yield from at_least(self, 0, "projection_seed")
 
 
 class LogMelEncoder:

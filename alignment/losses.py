@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from config import non_negative
 from harness.phonemes import BLANK_ID
 
 
@@ -130,9 +131,14 @@ def ctc_head_loss(logits, lengths, phoneme_ids, phoneme_lengths) -> torch.Tensor
 
 @dataclass
 class LossWeights:
+    """Weight of each alignment loss: 0 or more; 0 leaves that loss out."""
+
     cosine: float = 1.0  # interpolated frame-wise cosine
     infonce: float = 1.0  # sentence-level contrastive loss across the batch
     ctc: float = 0.0  # auxiliary CTC head on the GRU outputs; 0 = no head
+
+    def problems(self):
+        yield from non_negative(self, "cosine", "infonce", "ctc")
 
 
 def alignment_losses(weights: LossWeights, emb, lengths, target, target_lengths, sentences: list[str], *,

@@ -39,7 +39,7 @@ from typing import Protocol
 
 import numpy as np
 
-from config import ComponentSpec, KeyPath, component, from_data, to_data
+from config import ComponentSpec, KeyPath, at_least, component, from_data, to_data
 from harness.devices import pick_device
 from harness.errors import UserError
 from registry import AUDIO_ENCODERS, TTS_ENGINES, register_audio_encoder, register_tts  # noqa: F401  (re-exported)
@@ -56,6 +56,9 @@ class TargetParams:
     encoder: ComponentSpec = component(AUDIO_ENCODERS, "log_mel")
     device: str = "cpu"  # where the frozen TTS/encoder run while precomputing: cpu | cuda | cuda:N | auto
     batch_size: int = 8  # sentences per TTS/encoder call
+
+    def problems(self):
+        yield from at_least(self, 1, "batch_size")
 
 
 class TextToSpeech(Protocol):

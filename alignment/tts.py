@@ -20,6 +20,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from alignment.targets import SAMPLE_RATE, register_tts, weights_digest
+from config import above
 from harness.errors import UserError
 
 
@@ -141,6 +142,12 @@ class EspeakParams:
     word_gap: int = 0  # extra pause between words, in 10 ms units at the default rate
     seed: int = 0  # espeak's own noise generator (breath and Klatt voices), fixed per sentence
 
+    def problems(self):
+        for key, low, high in (("rate", 80, 450), ("pitch", 0, 100), ("word_gap", 0, 1000)):  # as espeak_ng()
+            value = getattr(self, key)
+            if not low <= value <= high:
+                yield key, f"{value} is outside {low}..{high}"
+
 
 class EspeakTTS:
     """espeak-ng formant speech: not a neural voice (robotic, but intelligible); with a flutter-free
@@ -189,7 +196,10 @@ def espeak_ng(params: EspeakParams, device: str) -> EspeakTTS:
 class MmsTtsParams:
     model: str = "facebook/mms-tts-eng"  # hub id or local folder (VitsModel + VitsTokenizer)
     seed: int = 0  # VITS samples noise (durations, latents): fixed per sentence, see MmsTTS
-    speaking_rate: float = 1.0  # > 1 speaks faster
+    speaking_rate: float = 1.0  # > 1 speaks faster; must be above 0
+
+    def problems(self):
+        yield from above(self, 0, "speaking_rate")
 
 
 class MmsTTS:

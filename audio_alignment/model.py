@@ -24,7 +24,7 @@ from alignment.losses import LossWeights, alignment_losses, weighted_total
 from alignment.retrieval import CandidateSet, build_candidates, rank_candidates
 from alignment.store import TargetStore, fill_targets, make_projector, standardized_targets
 from alignment.targets import TargetParams
-from config import ComponentSpec, EvaluationParams
+from config import ComponentSpec, EvaluationParams, above, at_least
 from gru_decoder import GRUEncoder, GRUEncoderParams
 from harness.errors import UserError
 from harness.metrics import split_metrics as error_rates
@@ -54,6 +54,12 @@ class GRUAlignParams(GRUEncoderParams):
     # (greedy writes no words), and which text goes in `predicted_text` (the other goes in its own column).
     word_decoder: ComponentSpec = word_decoder_field()
     text_source: Literal["retrieval", "ctc_words"] = "retrieval"
+
+    def problems(self):
+        yield from super().problems()
+        yield from at_least(self, 0, "projector_hidden")
+        yield from at_least(self, 1, "align_frames")
+        yield from above(self, 0, "infonce_temperature")
 
 
 class GRUAlign(GRUEncoder, DecoderModel):

@@ -29,6 +29,12 @@ class CTCBaselineParams(GRUEncoderParams):
     # rescoring). Not part of the network: a checkpoint decodes with any word decoder.
     word_decoder: ComponentSpec = word_decoder_field()
 
+    def problems(self):
+        yield from super().problems()
+        if self.n_classes != N_CLASSES:
+            yield "n_classes", (f"is {self.n_classes}: it must be {N_CLASSES} (blank, 39 phonemes, SIL: the classes "
+                                "of the labels and of the word decoders)")
+
 
 class CTCBaseline(GRUEncoder, DecoderModel):
     """GRUDecoder of the reference. Subclassing the encoder keeps the reference state-dict keys:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from config import at_least, fraction
 from gru_decoder.packed_gru import gru_over_packed, packing, unpack
 
 
@@ -37,9 +38,15 @@ class GRUEncoderParams:
     n_layers: int = 5
     patch_size: int = 14  # time bins per patch (the minimum trial length)
     patch_stride: int = 4
-    input_dropout: float = 0.2  # after the day layer's Softsign
-    rnn_dropout: float = 0.4  # between GRU layers
+    input_dropout: float = 0.2  # after the day layer's Softsign (0: none)
+    rnn_dropout: float = 0.4  # between GRU layers (0: none; no effect with one layer)
     pack_sequences: bool = True  # skip padded steps in the GRU (same valid outputs, less compute)
+
+    def problems(self):
+        """Value checks of the encoder keys; a subclass adding keys yields from this too."""
+        yield from at_least(self, 0, "n_days")
+        yield from at_least(self, 1, "n_features", "n_units", "n_layers", "patch_size", "patch_stride")
+        yield from fraction(self, "input_dropout", "rnn_dropout")
 
 
 def patchify(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:

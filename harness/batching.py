@@ -1,7 +1,8 @@
 """Batches as the reference makes them, and the Batch every model receives.
 
 Training: each batch draws `days_per_batch` sessions uniformly without replacement, then
-`batch_size // days_per_batch` trials per session with replacement (docs/reference.md, section 4). The draw
+`batch_size // days_per_batch` trials per session with replacement (docs/reference.md, section 4); when that
+does not divide, the first sessions drawn give one more, so every batch holds batch_size trials. The draw
 for step s depends only on (seed, s), so resuming at step s gives the same batches without saving
 sampler state, and DataLoader workers never touch the sampling.
 Several ranks (torchrun) and gradient accumulation share that one stream: each optimizer step
@@ -11,6 +12,7 @@ Evaluation: each session's trials in order, in chunks of at most `eval_batch_siz
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -19,6 +21,8 @@ from torch.utils.data import Dataset
 
 from harness.data import FeatureStore, Trial
 from harness.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +100,22 @@ def collate(items, pad_to_multiple: int = 1) -> Batch:
     )
 
 
+def check_batching(trials: list[Trial], batch_size: int, days_per_batch: int, warn: bool = False) -> int:
+    """The days each training batch draws: days_per_batch, or every session with training trials when
+    there are fewer (said once with warn). Refuses what cannot make a batch of batch_size trials."""
+    if not trials:
+        raise UserError("no training trials: the train split of the selected sessions is empty")
+    days = len({t.day for t in trials})
+    if days_per_batch > days and warn:
+        log.warning("data_params.days_per_batch is %d but %d sessions have training trials: each batch draws from "
+                    "all %d, still %d trials", days_per_batch, days, days, batch_size)
+    days_per_batch = min(days_per_batch, days)
+    if batch_size < days_per_batch:
+        raise UserError(f"data_params.batch_size {batch_size} is smaller than days_per_batch {days_per_batch}: "
+                        "each day drawn needs at least one trial")
+    return days_per_batch
+
+
 class TrainBatchSampler:
     """Batch sampler yielding trial indices for optimizer steps [start_step, num_steps).
 
@@ -111,17 +131,15 @@ class TrainBatchSampler:
     def __init__(self, trials: list[Trial], batch_size: int, days_per_batch: int, seed: int,
                  num_steps: int, start_step: int = 0, *, rank: int = 0, world_size: int = 1,
                  grad_accum_steps: int = 1):
-        if not trials:
-            raise UserError("no training trials: the train split of the selected sessions is empty")
         self.by_day: dict[int, np.ndarray] = {}
         for i, t in enumerate(trials):
             self.by_day.setdefault(t.day, []).append(i)
         self.by_day = {d: np.asarray(ix) for d, ix in sorted(self.by_day.items())}
         self.days = np.asarray(list(self.by_day))
-        self.days_per_batch = min(days_per_batch, len(self.days))
-        self.per_day = batch_size // self.days_per_batch
-        if self.per_day < 1:
-            raise UserError(f"batch_size {batch_size} is smaller than days_per_batch {days_per_batch}")
+        self.days_per_batch = check_batching(trials, batch_size, days_per_batch)
+        # batch_size trials in every batch: when days_per_batch does not divide it, the first days drawn
+        # give one trial more (the reference's batch_size // days_per_batch would make every batch smaller)
+        self.per_day, self.extra = divmod(batch_size, self.days_per_batch)
         self.seed, self.num_steps, self.start_step = seed, num_steps, start_step
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
 
@@ -129,7 +147,7 @@ class TrainBatchSampler:
         """The `step`-th batch of the global stream (one process, no accumulation: step `step`)."""
         rng = np.random.default_rng([self.seed, step])
         days = rng.choice(self.days, size=self.days_per_batch, replace=False)
-        picks = [rng.choice(self.by_day[d], size=self.per_day, replace=True) for d in days]
+        picks = [rng.choice(self.by_day[d], size=self.per_day + (i < self.extra), replace=True) for i, d in enumerate(days)]
         return np.concatenate(picks).tolist()
 
     def __iter__(self):

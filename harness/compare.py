@@ -9,12 +9,15 @@ per-corpus figure is read from metrics.json (`by_session`, `by_corpus`); a run f
 
 Runs without `DONE` are listed as unfinished and left out. Runs whose data fingerprints differ are
 refused unless --force (and the output then says so). Trials are joined on
-(split, session, block_num, trial_num).
+(split, session, block_num, trial_num). A run whose per_trial.csv is cut short, disagrees with its
+metrics.json or names a split other than train/val/test is refused (harness.run_reader), and so is
+an --out that cannot be written: in one line, before anything is written.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 from harness import plots, results
@@ -35,6 +38,7 @@ PAIRED_COLUMNS = ["split", "run_a", "run_b", "metric", "n_trials", "a", "b", "di
 def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: bool = False,
             n_resamples: int = 10_000, seed: int = 0) -> Path:
     out_dir = Path(out)
+    check_out(out_dir)
     dirs = _unique([Path(d) for d in run_dirs]) if run_dirs else [
         d for d in find_runs(Path(results_dir)) if out_dir.resolve() not in (d.resolve(), *d.resolve().parents)]
     missing = [d for d in dirs if not d.is_dir()]
@@ -62,6 +66,7 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     table = summary_rows(runs)
     splits = list(dict.fromkeys(row["split"] for row in table))
     pairs = [row for split in splits for row in paired_rows(runs, split, n_resamples, seed)]
+    make_out(out_dir)  # every check has passed (paired_rows refuses duplicated trials): now write
     images = write_plots(runs, splits, out_dir)
     corpora = corpus_rows(runs)
     for stale in [*out_dir.glob("per_session_*.png"), *out_dir.glob("per_corpus_*.png"), out_dir / "training_curves.png"]:
@@ -76,6 +81,20 @@ def compare(run_dirs: list[str], out: str, results_dir: str = "results", force: 
     written = ["comparison.md", "comparison.csv", "per_corpus.csv", "paired.csv", *(p.name for p in images.values())]
     print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     return out_dir
+
+
+def check_out(out_dir: Path) -> None:
+    """Refuse an --out that cannot hold the comparison before any work, writing nothing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
+    results.check_writable(out_dir)
+
+
+def make_out(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # changed since check_out
+        raise UserError(f"--out {out_dir}: cannot make it ({error.strerror or error})") from None
 
 
 def _unique(paths: list[Path]) -> list[Path]:
@@ -257,15 +276,22 @@ def paired_rows(runs: list[Run], split: str, n_resamples: int, seed: int) -> lis
 # --------------------------------------------------------------------------- plots
 
 
+def _file_name(name: str) -> str:
+    """A plain file name for a name built from run content: [A-Za-z0-9._-] only, no leading dot, so
+    it cannot leave --out nor hide (run_reader admits only train/val/test as splits; this holds
+    whatever a reader lets through)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "_"
+
+
 def write_plots(runs: list[Run], splits: list[str], out_dir: Path) -> dict[str, Path]:
     """name -> PNG written; a plot with nothing to show is not written."""
     images = {}
     for split in splits:
         entries = [(run.name, run.split_metrics()[split]) for run in runs if split in run.split_metrics()]
-        path = plots.per_session_plot(entries, split, out_dir / f"per_session_{split}.png")
+        path = plots.per_session_plot(entries, split, out_dir / _file_name(f"per_session_{split}.png"))
         if path:
             images[f"per_session_{split}"] = path
-        path = plots.per_corpus_plot(entries, split, out_dir / f"per_corpus_{split}.png")
+        path = plots.per_corpus_plot(entries, split, out_dir / _file_name(f"per_corpus_{split}.png"))
         if path:
             images[f"per_corpus_{split}"] = path
     history = [(run.name, run.scalars, (run.metrics.get("run") or {}).get("validation_history") or [])

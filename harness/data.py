@@ -22,6 +22,7 @@ import numpy as np
 from harness.description import find_description, read_description, session_date
 from harness.errors import UserError
 from harness.feature_cache import CachedFile, check_finite, entry_key, file_identity, open_cached, trial_digest
+from harness.phonemes import SIL_ID
 from harness.progress import phase
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,13 @@ def find_sessions(data_dir: Path | str) -> list[str]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data folder not found: {data_dir} (make it with `make synth`, or set data_params.data_dir)")
-    sessions = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and any(p.glob("data_*.hdf5")))
+    sessions = []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+        found = sorted(folder.glob("data_*.hdf5"))
+        for path in found:  # glob also lists broken links and folders: say so now, not when a split is read
+            _check_is_file(path)
+        if found:
+            sessions.append(folder.name)
     if not sessions:
         raise UserError(
             f"no session found in {data_dir}: expected <session>/data_train.hdf5 folders "
@@ -86,9 +93,29 @@ def read_trials(data_dir: Path | str, sessions: list[str], split: str, n_feature
         if not session_dir.is_dir():
             raise UserError(f"session folder not found: {session_dir}")
         path = split_file(session_dir, split)
-        if path.exists():
+        if path.exists() or path.is_symlink():  # exists() is False for a broken link: refused, not skipped
+            _check_is_file(path)
             trials.extend(_read_file(path, split, session, day, n_features, cache_dir))
+    _check_labels_everywhere(trials, split)
     return add_description(trials, data_dir, split)
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path}: a broken link (to {os.readlink(path)}), not an HDF5 file")
+    if not path.is_file():
+        raise UserError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not an HDF5 file")
+
+
+def _check_labels_everywhere(trials: list[Trial], split: str) -> None:
+    """A split is labeled in full or not at all: a batch with one unlabeled trial loses its labels
+    (harness.batching.collate), so a partly labeled split would train and score on less, silently."""
+    for label, missing in (("seq_class_ids", [t for t in trials if t.phoneme_ids is None]),
+                           ("sentence (sentence_label or transcription)", [t for t in trials if t.sentence is None])):
+        if 0 < len(missing) < len(trials):
+            first = missing[0]
+            raise UserError(f"{len(missing)} of {len(trials)} {split} trials have no {label}, the first "
+                            f"{first.path} {first.group}: a split must be labeled in every trial or in none")
 
 
 def add_description(trials: list[Trial], data_dir: Path, split: str) -> list[Trial]:
@@ -133,8 +160,12 @@ def _first_blocks(counts: Counter, shown: int = 3) -> str:
 def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
-    except OSError as error:
-        raise UserError(f"{path}: not a readable HDF5 file ({error})") from None
+    except OSError as error:  # random bytes, a truncated copy, a folder...
+        raise UserError(f"{path}: not a readable HDF5 file ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _read_file(path: Path, split: str, session: str, day: int, n_features: int,
@@ -143,15 +174,38 @@ def _read_file(path: Path, split: str, session: str, day: int, n_features: int,
     if records is None:
         with _open(path) as f:
             names = sorted(k for k in f.keys() if k.startswith("trial_"))
-            records = [_read_record(f[name], path, name) for name in names]
+            if not names:
+                raise UserError(f"{path}: no trial_* group in this HDF5 file (expected trial_0000, trial_0001, ...)")
+            records = []
+            for name in names:
+                try:
+                    records.append(_read_record(f[name], path, name))
+                except OSError as error:  # a damaged object inside a file whose header is fine
+                    raise UserError(f"{path} {name}: not readable ({_first_line(error)})") from None
+        _check_unique_keys(records, path)
         if cache_dir is not None:
             _write_records(path, cache_dir, records)
     return [_trial(r, path, split, session, day, n_features) for r in records]
 
 
+def _check_unique_keys(records: list[dict], path: Path) -> None:
+    """(block_num, trial_num) names a trial in per_trial.csv and the data fingerprint: one per trial."""
+    seen = {}
+    for r in records:
+        key = (r["block_num"], r["trial_num"])
+        if key in seen:
+            raise UserError(f"{path}: {seen[key]} and {r['group']} have the same block_num {key[0]} and "
+                            f"trial_num {key[1]} (each trial of a file needs its own)")
+        seen[key] = r["group"]
+
+
 # The trial index: each file's labels and trial facts (not the features) as JSON, so that a start
 # after the first reads no HDF5 attribute (h5py costs about 3 ms per trial: 35 s for the real
-# dataset's 10,948 trials, in every rank). Keyed like the feature cache by the file's identity.
+# dataset's 10,948 trials, in every rank). Keyed like the feature cache by the file's identity. A file
+# gets an index only once it passed every check that depends on the file alone; INDEX_VERSION grows
+# when those checks do, so that an index written before them is not trusted.
+
+INDEX_VERSION = 2  # 2: phoneme id range, attribute types, UTF-8, unique keys, empty files (1: unversioned)
 
 
 def _index_path(path: Path, cache_dir: Path) -> tuple[Path, str]:
@@ -160,44 +214,85 @@ def _index_path(path: Path, cache_dir: Path) -> tuple[Path, str]:
     return Path(cache_dir) / "trial_index" / f"{prefix}-{entry_key(identity)}.json", prefix
 
 
-def _cached_records(path: Path, cache_dir: Path) -> list[dict] | None:
+def _index(path: Path, cache_dir: Path) -> dict:
+    """The file's trial index, {"version", "source", "trials"[, "finite"]}, or {} when none is trusted."""
     try:
-        return json.loads(_index_path(path, cache_dir)[0].read_text())["trials"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return None
+        index = json.loads(_index_path(path, cache_dir)[0].read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return index if isinstance(index, dict) and index.get("version") == INDEX_VERSION and "trials" in index else {}
+
+
+def _cached_records(path: Path, cache_dir: Path) -> list[dict] | None:
+    return _index(path, cache_dir).get("trials")
 
 
 def _write_records(path: Path, cache_dir: Path, records: list[dict]) -> None:
+    _write_index(path, cache_dir, {"version": INDEX_VERSION, "source": str(path), "trials": records})
+
+
+def _write_index(path: Path, cache_dir: Path, index: dict) -> None:
     target, prefix = _index_path(path, cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f"{prefix}-*.json"):  # the same file before it changed
         if stale != target:
             stale.unlink(missing_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"source": str(path), "trials": records}))
+    tmp.write_text(json.dumps(index))
     os.replace(tmp, target)  # atomic: ranks writing at once write the same thing
 
 
 def _read_record(g, path: Path, name: str) -> dict:
     """What the reader needs of one trial group: every check that depends only on the file is made here."""
     where = f"{path} {name}"
-    if not isinstance(g, h5py.Group) or "input_features" not in g:
+    features = g.get("input_features") if isinstance(g, h5py.Group) else None
+    if not isinstance(features, h5py.Dataset):
         raise UserError(f"{where}: trial has no input_features dataset")
-    shape = list(g["input_features"].shape)
-    n_time_steps = int(g.attrs.get("n_time_steps", shape[0]))
-    if n_time_steps > shape[0] or n_time_steps < 0:
-        raise UserError(f"{where}: n_time_steps {n_time_steps} does not fit input_features with {shape[0]} rows")
-    phoneme_ids = _phoneme_ids(g, where)
+    shape = list(features.shape)
+    _numeric(features.dtype, "input_features", where)
+    attrs = g.attrs  # h5py makes a new attribute manager at each g.attrs: one per trial (about 30 us each)
+    n_time_steps = _int_attr(attrs, "n_time_steps", where, shape[0] if shape else 0)
+    if not shape or n_time_steps > shape[0] or n_time_steps < 0:
+        raise UserError(f"{where}: n_time_steps {n_time_steps} does not fit input_features of shape {tuple(shape)}")
+    trial_num = _int_attr(attrs, "trial_num", where)
+    if trial_num is None:  # the group's number stands in
+        if not name.removeprefix("trial_").isdigit():
+            raise UserError(f"{where}: no trial_num attribute, and the group's name holds no number")
+        trial_num = int(name.removeprefix("trial_"))
+    session = attrs.get("session")
     return {
         "group": name,
         "shape": shape,
         "n_time_steps": n_time_steps,
-        "session": _text(g.attrs["session"]) if "session" in g.attrs else None,
-        "block_num": int(g.attrs.get("block_num", -1)),
-        "trial_num": int(g.attrs.get("trial_num", int(name.split("_")[-1]))),
-        "phoneme_ids": list(phoneme_ids) if phoneme_ids is not None else None,
-        "sentence": _sentence(g),
+        "session": _text(session, where, "session") if session is not None else None,
+        "block_num": _int_attr(attrs, "block_num", where, -1),
+        "trial_num": trial_num,
+        "phoneme_ids": _phoneme_ids(g, attrs, where),
+        "sentence": _sentence(g, attrs, where),
     }
+
+
+def _numeric(dtype: np.dtype, name: str, where: str) -> None:
+    """Any int or float dtype is fine; strings and compounds are refused."""
+    if dtype.kind not in "biuf":
+        raise UserError(f"{where}: {name} is of dtype {dtype}, expected numbers")
+
+
+def _int_attr(attrs, name: str, where: str, default: int | None = None) -> int | None:
+    """The whole-number attribute `name` (a number, a 1-element array or a numeric string), or default."""
+    value = attrs.get(name)
+    if value is None:
+        return default
+    if isinstance(value, np.ndarray) and value.size == 1:  # e.g. a 1x1 matrix from MATLAB
+        value = value.reshape(-1)[0]
+    try:
+        number = int(value)
+        if not isinstance(value, (str, bytes)) and number != value:  # 2.5 is no trial number
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):  # an array, "abc", NaN, 2.5...
+        shown = f"an array of shape {value.shape}" if isinstance(value, np.ndarray) else repr(value)[:60]
+        raise UserError(f"{where}: attribute {name} is {shown}, expected a whole number") from None
+    return number
 
 
 def _trial(record: dict, path: Path, split: str, session: str, day: int, n_features: int) -> Trial:
@@ -226,34 +321,54 @@ def _trial(record: dict, path: Path, split: str, session: str, day: int, n_featu
     )
 
 
-def _phoneme_ids(g, where: str) -> tuple[int, ...] | None:
+def _phoneme_ids(g, attrs, where: str) -> list[int] | None:
+    """The valid prefix of seq_class_ids, every id a phoneme: 1 to 40 (0, the CTC blank, only pads)."""
     if "seq_class_ids" not in g:
         return None
-    ids = np.asarray(g["seq_class_ids"][()]).astype(np.int64).reshape(-1)
-    seq_len = g.attrs.get("seq_len")
+    ids = np.asarray(g["seq_class_ids"][()]).reshape(-1)
+    _numeric(ids.dtype, "seq_class_ids", where)
+    seq_len = _int_attr(attrs, "seq_len", where)
     if seq_len is None:  # no length stored: the valid prefix ends at the zero padding
         seq_len = int(np.argmax(ids == 0)) if (ids == 0).any() else len(ids)
-    seq_len = int(seq_len)
     if seq_len > len(ids) or seq_len < 0:
         raise UserError(f"{where}: seq_len {seq_len} is longer than the {len(ids)} stored seq_class_ids")
-    return tuple(int(i) for i in ids[:seq_len])
+    prefix = ids[:seq_len]
+    bad = (prefix < 1) | (prefix > SIL_ID)
+    if ids.dtype.kind == "f":  # NaN, or 3.5, which the int64 cast would make 3
+        bad |= prefix != np.trunc(prefix)
+    if bad.any():
+        at = int(bad.argmax())
+        raise UserError(f"{where}: seq_class_ids holds {prefix[at].item()} at position {at} of its seq_len "
+                        f"{seq_len}: phoneme ids are 1 to {SIL_ID} (0, the blank, only pads after seq_len)")
+    return prefix.astype(np.int64).tolist()
 
 
-def _sentence(g) -> str | None:
-    if "sentence_label" in g.attrs:
-        return _text(g.attrs["sentence_label"])
+def _sentence(g, attrs, where: str) -> str | None:
+    label = attrs.get("sentence_label")
+    if label is not None:
+        return _text(label, where, "sentence_label")
     if "transcription" in g:  # character codes, zero padded
-        codes = np.asarray(g["transcription"][()]).astype(np.int64).reshape(-1)
-        return "".join(chr(c) for c in codes if c > 0)
+        codes = np.asarray(g["transcription"][()])
+        _numeric(codes.dtype, "transcription", where)
+        codes = codes.astype(np.int64).reshape(-1)
+        codes = codes[codes > 0]
+        if (codes > 0x10FFFF).any():  # chr() would raise a ValueError
+            raise UserError(f"{where}: transcription holds {codes.max()}, not a character code")
+        return "".join(map(chr, codes.tolist()))
     return None
 
 
-def _text(value) -> str:
+def _text(value, where: str, name: str) -> str:
     if isinstance(value, np.ndarray):
         value = value.reshape(-1)[0] if value.size else ""
-    if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")
-    return str(value)
+    try:
+        if isinstance(value, (bytes, np.bytes_)):
+            return bytes(value).decode("utf-8")
+        value = str(value)
+        value.encode("utf-8")  # h5py gives undecodable bytes of a string attribute as surrogates
+        return value
+    except UnicodeError:
+        raise UserError(f"{where}: attribute {name} is not UTF-8 text") from None
 
 
 def load_features(trial: Trial, file: h5py.File | None = None) -> np.ndarray:
@@ -261,7 +376,10 @@ def load_features(trial: Trial, file: h5py.File | None = None) -> np.ndarray:
     if file is None:
         with _open(Path(trial.path)) as f:
             return load_features(trial, f)
-    x = np.asarray(file[trial.group]["input_features"][: trial.n_time_steps], dtype=np.float32)
+    try:
+        x = np.asarray(file[trial.group]["input_features"][: trial.n_time_steps], dtype=np.float32)
+    except OSError as error:  # a damaged dataset inside a file whose header is fine
+        raise UserError(f"{trial.path} {trial.group}: input_features not readable ({_first_line(error)})") from None
     check_finite(x, trial.path, trial.group)
     return x
 
@@ -354,11 +472,56 @@ def trials_per_file(trials: list[Trial]) -> dict[str, dict[str, int]]:
 
 
 def open_feature_stores(trials_by_split: dict[str, list[Trial]], source: str, cache_dir: str | Path) -> dict:
-    """One FeatureStore per split; with the cache, every file's entry opened (or built) in one pass."""
+    """One FeatureStore per split; with the cache, every file's entry opened (or built) in one pass.
+    Every source refuses NaN or Inf here, before the run folder is made: the cache when it is built,
+    memory when it reads, hdf5 (read on demand) through check_files_finite."""
     cached = None
+    trials = [t for ts in trials_by_split.values() for t in ts]
     if source == "cache":
-        cached = open_cached(trials_per_file([t for ts in trials_by_split.values() for t in ts]), cache_dir)
+        cached = open_cached(trials_per_file(trials), cache_dir)
+    if source == "hdf5":
+        check_files_finite(sorted({t.path for t in trials}), cache_dir)
     return {split: FeatureStore(ts, source, cached) for split, ts in trials_by_split.items()}
+
+
+def check_files_finite(paths: list[str], cache_dir: str | Path) -> None:
+    """A UserError naming the file, trial and time bin if a trial's valid features hold NaN or Inf
+    (which reading on demand would meet mid-training). The verdict is kept as `"finite": true` in the
+    file's trial index under cache_dir (written by read_trials with that cache_dir, as the runner
+    does; without an index nothing is written and every start reads again), so that only the first
+    start of a file version reads its features (11 GB for the real dataset)."""
+    todo = [p for p in paths if not _index(Path(p), cache_dir).get("finite")]
+    # torchrun's ranks start at different files (as in open_cached) and skip those another rank passed
+    rank, world = int(os.environ.get("LOCAL_RANK", "0")), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    start = (rank * len(todo)) // world
+    todo = todo[start:] + todo[:start]
+    if not todo:
+        return
+    with phase(f"check that features are finite ({len(todo)} file{'s' if len(todo) > 1 else ''})",
+               total=len(todo), unit="file") as bar:
+        for path in todo:
+            index = _index(Path(path), cache_dir)
+            if not index.get("finite"):
+                _check_file_finite(Path(path))
+                if index:
+                    _write_index(Path(path), cache_dir, {**index, "finite": True})
+            bar.update(1)
+
+
+def _check_file_finite(path: Path) -> None:
+    """Every trial group's valid rows, as float32 (as load_features gives them: float64 beyond float32 is Inf)."""
+    with _open(path) as f:
+        for name in sorted(k for k in f.keys() if k.startswith("trial_")):
+            data = f[name]["input_features"]
+            if data.dtype.kind != "f":  # integers are always finite
+                continue
+            n = _int_attr(f[name].attrs, "n_time_steps", f"{path} {name}", data.shape[0])
+            try:
+                with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: said just below
+                    x = np.asarray(data[:n], dtype=np.float32)
+            except OSError as error:
+                raise UserError(f"{path} {name}: input_features not readable ({_first_line(error)})") from None
+            check_finite(x, path, name)
 
 
 # Version of the features hash in data fingerprints: 2 combines per-trial digests (0.3); 1 hashed the

@@ -27,7 +27,7 @@ from config import ExperimentConfig, SlurmParams, load_config
 from harness import results
 from harness.errors import UserError
 from harness.plugins import load_plugins
-from harness.runner import check_model
+from harness.runner import check_model, run_inputs
 
 
 def launch(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
@@ -116,7 +116,8 @@ def plan_single(config_path, overrides, out, resume, overwrite, check: bool = Tr
     if check:
         check_model(config)
     if out is not None:
-        folder = results.prepare_out_dir(out, resume, overwrite)
+        with results.prepare_out_dir(out, resume, overwrite, run_inputs(config, config_path)) as folder:
+            pass  # made (and emptied with --overwrite) here; the job claims it again when it runs
     else:
         folder = results.new_run_dir(config.output.results_dir, config.trial_name)
     return config, [(folder, list(overrides))]

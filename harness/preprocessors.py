@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
+from config import above, at_least, non_negative
 from harness.errors import UserError
 from registry import register_data_preprocessor
 
@@ -21,8 +22,12 @@ from registry import register_data_preprocessor
 
 @dataclass
 class GaussianSmoothingParams:
-    std: float = 2.0  # dataset.data_transforms.smooth_kernel_std
+    std: float = 2.0  # dataset.data_transforms.smooth_kernel_std (above 0: leave the preprocessor out for none)
     kernel_size: int = 100  # smooth_kernel_size: length of the impulse the kernel is cut from
+
+    def problems(self):
+        yield from above(self, 0, "std")
+        yield from at_least(self, 1, "kernel_size")
 
 
 def gaussian_kernel(std: float, kernel_size: int) -> np.ndarray:
@@ -59,6 +64,13 @@ def gaussian_smoothing(params: GaussianSmoothingParams):
 class FeatureSubsetParams:
     indices: list[int]  # feature columns to keep, in this order
 
+    def problems(self):
+        if not self.indices:
+            yield "indices", "is empty: name at least one feature column to keep"
+        negative = [i for i in self.indices if i < 0]
+        if negative:
+            yield "indices", f"holds {negative[:5]}: feature columns are counted from 0"
+
 
 class _FeatureSubset:
     def __init__(self, indices: list[int]):
@@ -88,14 +100,22 @@ def feature_subset(params: FeatureSubsetParams):
 
 @dataclass
 class AugmentParams:
-    """The reference's dataset.data_transforms names and defaults (rnn_args.yaml)."""
+    """The reference's dataset.data_transforms names and defaults (rnn_args.yaml). A std of 0 turns
+    that augmentation off."""
 
     white_noise_std: float = 1.0  # per element
     constant_offset_std: float = 0.2  # per trial and channel, the same for every bin
     random_walk_std: float = 0.0  # off by default
     random_walk_axis: int = -1  # cumsum axis of (B, T, C): -1 is the channel axis, as in the reference
     static_gain_std: float = 0.0  # off by default
-    random_cut: int = 3  # drop the first c bins, c = randint(0, random_cut): c in {0, 1, 2}
+    random_cut: int = 3  # drop the first c bins, c = randint(0, random_cut): c in {0, 1, 2}; 0 (or 1): off
+
+    def problems(self):
+        yield from non_negative(self, "white_noise_std", "constant_offset_std", "random_walk_std", "static_gain_std")
+        yield from at_least(self, 0, "random_cut")
+        if not -3 <= self.random_walk_axis <= 2:
+            yield "random_walk_axis", (f"is {self.random_walk_axis}: it must be an axis of the (batch, time, channel) "
+                                       "features, -3 to 2 (-1: channels, 1 or -2: time)")
 
 
 @register_data_preprocessor()

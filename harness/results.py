@@ -8,6 +8,7 @@ an unfinished run.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -56,6 +57,11 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        if error.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -118,37 +124,143 @@ def mark_done(run_dir: Path | str) -> None:
     atomic_write_text(Path(run_dir) / DONE, datetime.now(UTC).isoformat() + "\n")
 
 
-def new_run_dir(results_dir: Path | str, trial_name: str) -> Path:
-    """A new folder results_dir/<trial_name>_<UTC time>; never reuses an existing one."""
+LOCK = ".lock"  # held (flock) by the one process writing the folder; the OS lets go when it dies
+# What a run folder holds (docs/contracts.md); --overwrite empties only a folder of these.
+RUN_FOLDER_ENTRIES = {"config.yaml", "run.log", "per_trial.csv", "metrics.json", "meta.json", DONE, "checkpoints",
+                      "tensorboard", LOCK}
+
+
+class RunFolder:
+    """A run folder claimed by this process: it holds the folder's lock until release() (or its death),
+    so a second run, evaluate or --resume on the same folder is refused instead of writing beside it."""
+
+    def __init__(self, path: Path, lock_fd: int):
+        self.path, self._fd = path, lock_fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _claim(folder: Path) -> RunFolder:
+    """Take `folder`'s lock or refuse. flock, not a lock file's existence: a kill -9 never leaves it stuck,
+    and flock on a file opened for writing also works on NFS (Linux maps it onto fcntl locks there)."""
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another b2t-bench process{f' (pid {holder})' if holder else ''}: "
+                        "one run folder, one writer; wait for it to end or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return RunFolder(folder, fd)
+
+
+def new_run_dir(results_dir: Path | str, trial_name: str, claim: bool = False) -> Path | RunFolder:
+    """A new folder results_dir/<trial_name>_<UTC time>; never reuses an existing one. With claim,
+    the RunFolder holding its lock."""
     results_dir = Path(results_dir)
+    check_writable(results_dir, "output.results_dir")
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     for attempt in range(1000):
         name = f"{trial_name}_{stamp}" + (f"-{attempt}" if attempt else "")
         try:
             (results_dir / name).mkdir()  # atomic: two runs starting together get different folders
-            return results_dir / name
         except FileExistsError:
             continue
+        return _claim(results_dir / name) if claim else results_dir / name
     raise RuntimeError(f"could not make a new run folder under {results_dir}")
 
 
-def check_out_dir(out: Path | str, resume: bool, overwrite: bool) -> None:
-    """An explicit --out folder that holds anything is refused, unless resuming or overwriting."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        state = "a finished run" if is_finished(out) else "an unfinished run"
-        raise UserError(f"{out} already holds {state}: pass --resume to continue it or --overwrite to replace it")
+def check_writable(folder: Path | str, what: str = "--out") -> None:
+    """`folder` can be made (or is) a folder this process writes in: refused in one line before anything is
+    made if a part of it is a file, or its nearest existing parent cannot be written (read-only, /proc)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"{what} {folder}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
+    try:  # the one sure test (permissions, read-only mounts, /proc, root's exemptions): make and remove a folder
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".b2t-write-test-"))
+    except OSError as error:
+        raise UserError(f"{what} {folder}: cannot write in {existing} ({error.strerror})") from None
 
 
-def prepare_out_dir(out: Path | str, resume: bool, overwrite: bool) -> Path:
-    """Make the --out folder (emptied first with --overwrite)."""
-    check_out_dir(out, resume, overwrite)
+def foreign_entries(folder: Path) -> list[str]:
+    """What `folder` holds that a run folder does not (the partial writes of a killed run are its own)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in RUN_FOLDER_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dict[str, Path | str | None] = None) -> None:
+    """An explicit --out folder: writable, and when it holds anything, only a run folder, resumed or
+    overwritten as asked; never one that is or holds `protected` paths (the data, the config, the
+    checkpoint: --overwrite would delete them). Makes nothing."""
     out = Path(out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    check_writable(out)
+    if not out.exists():
+        return
+    held = [p for p in out.iterdir() if p.name != LOCK]
+    if not held:
+        return
+    if not (resume or overwrite):
+        state = "a finished run" if is_finished(out) else "an unfinished run" if is_run_folder(out) else "other files"
+        raise UserError(f"{out} already holds {state}: pass --resume to continue it or --overwrite to replace it"
+                        if state != "other files" else f"{out} already holds files that are not a run's: choose another --out")
+    foreign = foreign_entries(out)
+    if foreign or not is_run_folder(out):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"{out} is not a b2t-bench run folder ({f'it holds {shown}' if foreign else 'no config.yaml'}): "
+                        f"{'--overwrite' if overwrite else '--resume'} works only on run folders; choose another --out")
+    for what, path in (protected or {}).items():
+        if path is not None and _inside(Path(path), out):
+            raise UserError(f"--out {out} holds {what} {path}: --overwrite would delete it")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies in it, as written or with links followed."""
+    return (path.absolute().is_relative_to(folder.absolute())
+            or path.exists() and path.resolve().is_relative_to(folder.resolve()))
+
+
+def is_run_folder(folder: Path | str) -> bool:
+    folder = Path(folder)
+    return (folder / "config.yaml").is_file() and not foreign_entries(folder)
+
+
+def prepare_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dict | None = None) -> RunFolder:
+    """Claim the --out folder (made if needed; emptied first with --overwrite): call it once every check of
+    the run has passed. The checks are made again under the lock, which a second writer cannot take."""
+    check_out_dir(out, resume, overwrite, protected)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    folder = _claim(out)
+    try:
+        check_out_dir(out, resume, overwrite, protected)  # another process may have written it meanwhile
+        if resume and is_finished(out):
+            raise UserError(f"{out} was finished (DONE) by another process meanwhile: nothing to resume")
+        if overwrite:
+            for entry in out.iterdir():  # the folder itself stays: its lock is ours
+                if entry.name == LOCK:
+                    continue
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    except BaseException:
+        folder.release()
+        raise
+    return folder
 
 
 def git_commit() -> str | None:

@@ -7,6 +7,7 @@ Only the files of the results contract (docs/contracts.md) are read, so runs of 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from harness.errors import UserError
 
 TRIAL_KEY = ("split", "session", "block_num", "trial_num")
+SPLITS = ("train", "val", "test")  # as harness.data.SPLITS (not imported: it pulls in h5py)
 
 
 @dataclass
@@ -69,14 +71,56 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    """per_trial.csv as dicts, refused where cut short: the harness ends every line with a newline
+    and gives every row the header's number of fields, so a file without them was cut mid-write."""
     if not path.is_file():
         raise UserError(f"{path} is missing, though {path.parent} is marked finished (DONE)")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in TRIAL_KEY if rows and c not in rows[0]]
+        text = f.read()
+    if not text.strip():
+        raise UserError(f"{path} is empty (cut short: a finished run's per_trial.csv has at least its header line)")
+    if not text.endswith("\n"):
+        raise UserError(f"{path} is cut short: its last line ends without a newline")
+    reader = csv.reader(io.StringIO(text))
+    rows = []
+    try:
+        header = next(reader)
+        for fields in reader:
+            if not fields:  # a blank line, as csv.DictReader skips it
+                continue
+            if len(fields) != len(header):
+                raise UserError(f"{path}: line {reader.line_num} has {len(fields)} fields where the header has "
+                                f"{len(header)} (the file is cut short or damaged)")
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as error:
+        raise UserError(f"{path}: line {reader.line_num} is not valid CSV ({error})") from None
+    missing = [c for c in TRIAL_KEY if c not in header]
     if missing:
         raise UserError(f"{path}: no column {missing[0]!r} (see the results contract in the README)")
     return rows
+
+
+def _check_splits(run_dir: Path, metrics: dict, rows: list[dict]) -> None:
+    """Split names end up in file names of compare's output (per_session_<split>.png), so only
+    train/val/test pass; and per_trial.csv must hold as many trials per split as metrics.json
+    counts, else a file cut at a row boundary (or from another run) would be compared as whole."""
+    for split, entry in metrics.items():
+        if split != "run" and isinstance(entry, dict) and split not in SPLITS:
+            raise UserError(f"{run_dir / 'metrics.json'}: split {split!r} is not one of {', '.join(SPLITS)}")
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row["split"] not in SPLITS:
+            raise UserError(f"{run_dir / 'per_trial.csv'}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
+        counts[row["split"]] = counts.get(row["split"], 0) + 1
+    for split in SPLITS:
+        entry = metrics.get(split)
+        recorded = entry.get("n_trials") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) and split in counts:
+            raise UserError(f"{run_dir / 'per_trial.csv'}: {counts[split]} {split} trials, but metrics.json has no "
+                            f"{split} entry (the files are not from the same run)")
+        if recorded is not None and counts.get(split, 0) != recorded:
+            raise UserError(f"{run_dir / 'per_trial.csv'}: {counts.get(split, 0)} {split} trials, but metrics.json "
+                            f"records {recorded} (the file is cut short or not from the same run)")
 
 
 def _decoder_name(run_dir: Path, metrics: dict) -> str:
@@ -112,11 +156,13 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def load_run(run_dir: Path, with_scalars: bool = True) -> Run:
     metrics = _read_json(run_dir / "metrics.json")
+    rows = _read_rows(run_dir / "per_trial.csv")
+    _check_splits(run_dir, metrics, rows)
     return Run(
         dir=run_dir,
         metrics=metrics,
         meta=_read_json(run_dir / "meta.json"),
-        rows=_read_rows(run_dir / "per_trial.csv"),
+        rows=rows,
         decoder=_decoder_name(run_dir, metrics),
         scalars=read_scalars(run_dir / "tensorboard") if with_scalars else {},
     )

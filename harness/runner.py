@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from config import ExperimentConfig, dump_config, load_config
+from config import ExperimentConfig, OutputParams, dump_config, load_config
 from harness import distributed, results
+from harness.batching import check_batching
 from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, open_feature_stores, read_trials
 from harness.devices import pick_device
-from harness.errors import UserError
+from harness.errors import UserError, brief
 from harness.evaluation import evaluate_split
 from harness.model_api import BuildContext, DataSummary, DecoderModel
 from harness.plugins import REPO_ROOT, load_plugins, plugin_names, plugin_records
@@ -57,18 +58,29 @@ def seed_other_ranks(seed: int) -> None:
         seed_everything(int(np.random.SeedSequence([seed, distributed.rank()]).generate_state(1)[0]))
 
 
-def check_training_params(config: ExperimentConfig) -> None:
-    if config.training_params.grad_accum_steps < 1:
-        raise UserError(f"training_params.grad_accum_steps is {config.training_params.grad_accum_steps}: "
-                        "it must be at least 1")
-    if config.data_params.pad_to_multiple < 1:
-        raise UserError(f"data_params.pad_to_multiple is {config.data_params.pad_to_multiple}: it must be at least 1 "
-                        "(1 pads each batch to its longest trial)")
+@contextlib.contextmanager
+def claimed_run_dir(claim):
+    """Rank 0 makes and claims the run folder (`claim()` returns a results.RunFolder, whose lock it holds
+    until the run ends); every rank gets its path."""
+    folder = claim() if distributed.is_main() else None
+    try:
+        yield Path(distributed.broadcast_object(str(folder.path) if folder else None))
+    finally:
+        if folder is not None:
+            folder.release()
 
 
-def shared_run_dir(make) -> Path:
-    """Rank 0 makes the run folder (`make()`); every rank gets its path."""
-    return Path(distributed.broadcast_object(str(make()) if distributed.is_main() else None))
+def run_inputs(config: ExperimentConfig, config_path: str | None) -> dict:
+    """What a run reads, which --out must never hold (--overwrite would delete it)."""
+    return {"the config file": config_path, "data_params.data_dir": config.data_params.data_dir}
+
+
+def check_output(out: str | None, resume: bool, overwrite: bool, results_dir: str, protected: dict) -> None:
+    """Where the run folder will go: checked (never made) before the run's setup."""
+    if out is not None:
+        results.check_out_dir(out, resume, overwrite, protected)
+    else:
+        results.check_writable(results_dir, "output.results_dir")
 
 
 def build_preprocessors(config: ExperimentConfig) -> list:
@@ -101,6 +113,10 @@ def drop_short_trials(trials: dict, min_steps: int, policy: str) -> tuple[dict, 
                             f"{min_steps} ({len(short)} such trials in {split}; set data_params.short_trials: skip)")
         kept[split] = [t for t in ts if t.n_time_steps >= min_steps]
         skipped[split] = len(short)
+        if ts and not kept[split]:  # e.g. a patch_size longer than every trial
+            raise UserError(f"every {split} trial ({len(ts)}, the longest {max(t.n_time_steps for t in ts)} time steps) "
+                            f"is shorter than the model's minimum of {min_steps} time steps: check model_params "
+                            "(e.g. patch_size)")
     return kept, skipped
 
 
@@ -158,7 +174,16 @@ def build_model(config: ExperimentConfig, sessions, trials, device, n_features: 
     cache_dir = str(artefact_cache_dir())
     ctx = BuildContext(config=config, sessions=sessions, trials=trials, device=device, cache_dir=cache_dir,
                        n_features=n_features)
-    model = constructor(config.model_params, ctx)
+    try:
+        model = constructor(config.model_params, ctx)
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        raise UserError(f"model {config.model_constructor_name} does not fit in memory on {device} with these "
+                        f"model_params ({brief(error)})") from None
+    except RuntimeError as error:  # the CPU allocator says it with a RuntimeError
+        if "allocate" not in str(error) and "out of memory" not in str(error):
+            raise
+        raise UserError(f"model {config.model_constructor_name} does not fit in memory on {device} with these "
+                        f"model_params ({brief(error)})") from None
     if not isinstance(model, DecoderModel):
         raise TypeError(f"model constructor '{config.model_constructor_name}' returned {type(model).__name__}, "
                         "not a harness.model_api.DecoderModel")
@@ -289,10 +314,9 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     if out is not None and resume and results.is_finished(out):
         log.warning("%s is already finished (DONE): nothing to do", out)
         return Path(out)
-    if out is not None:
-        results.check_out_dir(out, resume, overwrite)
     config = load_run_config(config_path, overrides, out, resume)
-    check_training_params(config)
+    protected = run_inputs(config, config_path)
+    check_output(out, resume, overwrite, config.output.results_dir, protected)
     dp = config.data_params
     needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
     trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in needed])
@@ -312,15 +336,17 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                 model = build_model(config, list(dp.sessions), trials, device, width)
             seed_other_ranks(config.training_params.seed)
             trials, skipped = drop_short_trials(trials, model.min_time_steps, dp.short_trials)
+            if config.training_params.num_steps > 0:
+                check_batching(trials["train"], dp.batch_size, dp.days_per_batch, warn=True)
             stores = feature_stores(trials, config)
             if check:
                 log.info("pre-flight check of the model: %.1f s",
                          preflight(model, config, trials, stores, preprocessors, device, width))
         meta = start_meta(device, data_fingerprint=lambda: fingerprint(trials, stores))
 
-        run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, resume, overwrite) if out
-                                 else results.new_run_dir(config.output.results_dir, config.trial_name))
-        with run_logging(run_dir, held):
+        claim = (lambda: results.prepare_out_dir(out, resume, overwrite, protected)) if out else (
+            lambda: results.new_run_dir(config.output.results_dir, config.trial_name, claim=True))
+        with claimed_run_dir(claim) as run_dir, run_logging(run_dir, held):
             log.info("run folder: %s", run_dir)
             if distributed.describe():
                 log.info("torch.distributed: %s; each update sees %d x %d x %d trials (ranks x grad_accum_steps "
@@ -359,7 +385,6 @@ def check_model(config: ExperimentConfig) -> None:
     """The pre-flight check alone, on this machine's CPU, e.g. before a slurm job is submitted: the
     data read, the model built and one small batch through it."""
     config = copy.deepcopy(config)
-    check_training_params(config)
     dp = config.data_params
     trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in {"train", "val", *config.evaluation.splits}])
     width = output_width(preprocessors, dp.n_features)
@@ -417,7 +442,7 @@ def load_any_checkpoint(path: Path) -> tuple[dict, Path]:
     try:
         payload = load_checkpoint(found)
     except Exception as error:  # pickle/zip errors of many kinds: all mean "not our checkpoint"
-        raise UserError(f"{found}: not a readable checkpoint ({type(error).__name__}: {error})".splitlines()[0]) from None
+        raise UserError(f"{found}: not a readable checkpoint ({brief(error)})") from None
     if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
         raise UserError(f"{found} is not a b2t-bench checkpoint (no config/model inside)")
     return payload, found
@@ -426,11 +451,17 @@ def load_any_checkpoint(path: Path) -> tuple[dict, Path]:
 def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle_csv: str | None,
              overwrite: bool = False, check: bool = True) -> Path:
     load_plugins()
-    if out is not None:
-        results.check_out_dir(out, False, overwrite)
     payload, path = load_any_checkpoint(Path(checkpoint))
     require_plugin(payload)
-    config = load_config(data=payload["config"])
+    config = load_config(data=payload["config"], source=f"{path} (its config)")
+    # A checkpoint is data: where the results go is this command's choice, never its config's.
+    config.output.results_dir = OutputParams().results_dir
+    protected = {"the checkpoint": path, "--data-dir": data_dir}
+    check_output(out, False, overwrite, config.output.results_dir, protected)
+    if kaggle_csv is not None:
+        if Path(kaggle_csv).is_dir():
+            raise UserError(f"--kaggle-csv {kaggle_csv} is a folder: give a file name")
+        results.check_writable(Path(kaggle_csv).parent, "--kaggle-csv")
     known = list(config.data_params.sessions)
     config.data_params.data_dir = data_dir
     present = find_sessions(data_dir)
@@ -449,7 +480,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
         with setup_logging() as held:
             with distributed.main_first():  # rank 0 fills shared caches first
                 model = build_model(config, known, {}, device, width)  # day layers: the checkpoint's sessions
-            model.load_state_dict(payload["model"])
+            load_weights(model, payload["model"], path)
             trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
                                                 config.data_params.short_trials)
             stores = feature_stores(trials, config)
@@ -459,9 +490,9 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
         meta = start_meta(device, data_fingerprint=lambda: fingerprint(trials, stores))
         if meta is not None:
             meta["checkpoint"] = str(path)
-        run_dir = shared_run_dir(lambda: results.prepare_out_dir(out, False, overwrite) if out else results.new_run_dir(
-            config.output.results_dir, f"{config.trial_name}-eval-{split}"))
-        with run_logging(run_dir, held):
+        claim = (lambda: results.prepare_out_dir(out, False, overwrite, protected)) if out else (
+            lambda: results.new_run_dir(config.output.results_dir, f"{config.trial_name}-eval-{split}", claim=True))
+        with claimed_run_dir(claim) as run_dir, run_logging(run_dir, held):
             log.info("run folder: %s", run_dir)
             if distributed.describe():
                 log.info("torch.distributed: %s; each decodes its share of the batches", distributed.describe())
@@ -474,6 +505,18 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
                 log.info("Kaggle CSV: %s", kaggle_csv)
             log.info("finished: %s", run_dir)
     return run_dir
+
+
+def load_weights(model: DecoderModel, weights, path: Path) -> None:
+    """A checkpoint's weights into the model its config builds: a mismatch (another model, other sizes, a
+    crafted file) is the checkpoint's fault, said in one line."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        # torch says it over several lines: "Error(s) in loading state_dict ...:\n\tsize mismatch for w: ..."
+        detail = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
+        raise UserError(f"{path}: its weights do not fit the {type(model).__name__} its config builds "
+                        f"({detail[:300]})") from None
 
 
 def require_plugin(payload: dict) -> None:

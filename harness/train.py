@@ -34,7 +34,7 @@ from tqdm import tqdm
 from config import to_data
 from harness import distributed
 from harness.batching import TrainBatchSampler, TrialDataset, collate
-from harness.errors import UserError
+from harness.errors import UserError, brief
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
 from harness.plugins import plugin_records
 from harness.results import atomic_write_bytes, partial_writes
@@ -226,7 +226,7 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
           resume: bool = False) -> TrainState:
     """Train `model` in place; leaves checkpoints/{last,best}.pt in run_dir and returns the state."""
     tp, dp = config.training_params, config.data_params
-    accum = tp.grad_accum_steps  # at least 1: runner.check_training_params
+    accum = tp.grad_accum_steps  # at least 1: TrainingParams.problems
     ckpt_dir, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.pt"
     optimizer, scheduler = build_optimizer(model, tp)
     state = resume_from(last, model, optimizer, scheduler) if resume else TrainState()
@@ -289,12 +289,16 @@ def resume_from(last: Path, model, optimizer, scheduler) -> TrainState:
     if not last.is_file():
         log.info("--resume: no checkpoint in %s yet, starting from step 0", last.parent)
         return TrainState()
-    saved = load_checkpoint(last)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    state = TrainState(**saved["train_state"])
-    restore_rng(saved)
+    try:
+        saved = load_checkpoint(last)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["train_state"])
+        restore_rng(saved)
+    except Exception as error:  # a truncated file, a crafted pickle (weights_only refuses it), another model's
+        raise UserError(f"{last}: cannot resume from it ({brief(error)}); move it away to resume from step 0, "
+                        "or start a new run") from None
     log.info("resumed from %s at step %d", last, state.step)
     return state
 

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from config import above, at_least
 from harness.errors import UserError
 from llm_decoder.train_lm import TinyLMParams, tiny_lm_folder
 
@@ -36,8 +37,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoRAParams:
     r: int = 0  # rank; 0 = no adapters (the LM stays entirely frozen)
-    alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    alpha: float = 16.0  # scale: the adapters' output is multiplied by alpha / r; above 0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # at least one when r > 0
+
+    def problems(self):
+        yield from at_least(self, 0, "r")
+        yield from above(self, 0, "alpha")
+        if self.r > 0 and not self.target_modules:
+            yield "target_modules", f"is empty: with r {self.r}, name the LM modules that get adapters"
 
 
 @dataclass

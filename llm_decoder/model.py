@@ -15,6 +15,7 @@ reference's scoring does (`predicted_text`), the raw generation kept in `generat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +25,7 @@ from torch import nn
 from alignment.losses import LossWeights, alignment_losses, weighted_total
 from alignment.store import TargetStore, fill_targets, make_projector, standardized_targets
 from alignment.targets import TargetParams
+from config import above, at_least, non_negative
 from gru_decoder import GRUEncoder, GRUEncoderParams
 from harness.errors import UserError
 from harness.metrics import normalize_text
@@ -41,7 +43,12 @@ FROZEN_PREFIXES = ("lm.", "audio_projector.")  # modules whose weights are loade
 class GenerationParams:
     num_beams: int = 1  # 1: greedy
     max_new_tokens: int = 32
-    length_penalty: float = 1.0  # beam search only
+    length_penalty: float = 1.0  # beam search only: the score is divided by length ** this (< 0 favours short)
+
+    def problems(self):
+        yield from at_least(self, 1, "num_beams", "max_new_tokens")
+        if not math.isfinite(self.length_penalty):
+            yield "length_penalty", f"is {self.length_penalty}: it must be a finite number"
 
 
 @dataclass
@@ -56,7 +63,7 @@ class LLMDecoderParams(GRUEncoderParams):
     projector_hidden: int = 0  # 0: one linear layer; > 0: MLP with this hidden width (as gru_align)
     frame_pooling: Literal["mean", "stride", "none"] = "mean"  # brain frames -> LM positions
     frame_factor: int = 2  # frames per LM position
-    lm_weight: float = 1.0  # beta: cross-entropy on the sentence tokens
+    lm_weight: float = 1.0  # beta: cross-entropy on the sentence tokens; 0 = none
     alignment_weight: float = 0.0  # alpha: the audio-alignment losses below; 0 = none, no targets built
     alignment: LossWeights = field(default_factory=lambda: LossWeights(cosine=1.0, infonce=1.0, ctc=0.0))
     targets: TargetParams = field(default_factory=TargetParams)  # made and cached as gru_align's
@@ -65,6 +72,13 @@ class LLMDecoderParams(GRUEncoderParams):
     infonce_temperature: float = 0.1
     infonce_similarity: Literal["pooled", "sequence"] = "pooled"  # what InfoNCE compares (alignment.losses)
     generation: GenerationParams = field(default_factory=GenerationParams)
+
+    def problems(self):
+        yield from super().problems()
+        yield from at_least(self, 0, "embedding_dim", "projector_hidden")
+        yield from at_least(self, 1, "frame_factor", "align_frames")
+        yield from non_negative(self, "lm_weight", "alignment_weight")
+        yield from above(self, 0, "infonce_temperature")
 
 
 class LLMDecoder(GRUEncoder, DecoderModel):

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config import at_least, non_negative
 from harness.phonemes import PHONEME_TO_ID, PHONEMES
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,23 @@ class TinyLMParams:
     steps: int = 400
     batch_size: int = 32
     lr: float = 3e-3
-    seed: int = 0
+    seed: int = 0  # numpy's generator: 0 or more
     phoneme_prompt: bool = True  # train on "<s> <phonemes> <text> sentence </s>" (module docstring)
-    phoneme_noise: float = 0.15  # share of prefix phonemes replaced, dropped or doubled at random
+    phoneme_noise: float = 0.15  # share of prefix phonemes replaced, dropped or doubled at random (0 to 1)
+
+    def problems(self):
+        yield from at_least(self, 1, "vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads",
+                            "intermediate_size", "max_positions", "steps", "batch_size")
+        yield from non_negative(self, "lr")
+        yield from at_least(self, 0, "seed")
+        if not 0 <= self.phoneme_noise <= 1:
+            yield "phoneme_noise", f"is {self.phoneme_noise}: it must be a share, from 0 to 1"
+        if self.n_heads >= 1 and self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
+            yield "n_kv_heads", f"is {self.n_kv_heads}: it must divide n_heads ({self.n_heads})"
+        head = self.hidden_size // self.n_heads if self.n_heads >= 1 else 2
+        if head < 2 or head % 2:
+            yield "hidden_size", (f"is {self.hidden_size}: each of the {self.n_heads} heads gets hidden_size // n_heads "
+                                  f"= {head} channels, which rotary embeddings need even and at least 2")
 
 
 Example = tuple[str, str]  # (sentence, its phonemes as space-separated ARPAbet with SIL)

@@ -27,6 +27,7 @@ from flashlight.lib.text.decoder import CriterionType, LexiconDecoder, LexiconDe
 from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import Dictionary
 
+from config import above, at_least, non_negative
 from harness.errors import UserError
 from harness.phonemes import BLANK_ID, N_CLASSES, PHONEME_TO_ID, SIL_ID
 from word_decoding.lexicon import Lexicon
@@ -41,15 +42,25 @@ class BeamSearchParams:
     section 8). The defaults are the untuned probabilistic combination (log p(phonemes) + log p(words)); the
     reference tuned acoustic_scale 0.325 and blank_penalty 90 for its model (configs/ctc_baseline/b2txt25.yml)."""
 
-    acoustic_scale: float = 1.0  # weight of the phoneme log-probabilities against the LM
-    blank_penalty: float = 1.0  # the blank's probability is divided by this (1: no penalty)
+    acoustic_scale: float = 1.0  # weight of the phoneme log-probabilities against the LM; above 0
+    blank_penalty: float = 1.0  # the blank's probability is divided by this (1: no penalty); above 0
     lm_weight: float = 1.0  # weight of the n-gram's natural-log probability; 0: lexicon-only search
     word_score: float = 0.0  # added per word (a word insertion bonus when positive)
     sil_score: float = 0.0  # added per SIL frame
     beam_size: int = 100  # hypotheses kept per frame
     beam_size_token: int = N_CLASSES  # classes tried per frame (the most probable first)
-    beam_threshold: float = 17.0  # drop hypotheses this far below the frame's best (Kaldi's beam)
+    beam_threshold: float = 17.0  # drop hypotheses this far below the frame's best (Kaldi's beam); 0 or more
     nbest: int = 1  # distinct word sequences returned (LLM rescoring picks among them)
+
+    def problems(self):
+        """What check_params() checks when the search is built, and the rest, at config load."""
+        yield from above(self, 0, "acoustic_scale", "blank_penalty")
+        yield from non_negative(self, "lm_weight")
+        for name in ("word_score", "sil_score"):
+            if not math.isfinite(getattr(self, name)):
+                yield name, f"is {getattr(self, name)}: it must be a finite number"
+        yield from at_least(self, 1, "beam_size", "beam_size_token", "nbest")
+        yield from at_least(self, 0, "beam_threshold")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from config import ComponentSpec, component
+from config import ComponentSpec, at_least, component
 from harness.errors import UserError
 from harness.progress import phase
 from harness.pronounce import words
@@ -97,11 +97,17 @@ class LexiconNgramParams(BeamSearchParams):
     words_file: str | None = None  # more vocabulary words (whitespace separated)
     lexicon_file: str | None = None  # `word PH PH ...` lines: this lexicon instead of the CMU dictionary
     lm_path: str | None = None  # an ARPA file or KenLM binary instead of building one
-    lm_order: int = 3  # of the LM built from the text
+    lm_order: int = 3  # of the LM built from the text: 2 or more
     llm_rescoring: LLMRescoringParams | None = None  # n-best rescoring (set nbest > 1)
     # search processes: 1 = in this process, one trial after another; N > 1 = N worker processes;
     # 0 = the cores this process may use divided by the ranks on this machine (LOCAL_WORLD_SIZE)
     num_workers: int = 0
+
+    def problems(self):
+        yield from super().problems()
+        if not self.lm_path:  # the LM is built from the text (KenLM reads no unigram model)
+            yield from at_least(self, 2, "lm_order")
+        yield from at_least(self, 0, "num_workers")
 
 
 class LexiconNgramDecoder:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from config import at_least
 from harness.errors import UserError
 from word_decoding.beam_search import Hypothesis
 
@@ -26,10 +27,15 @@ log = logging.getLogger(__name__)
 class LLMRescoringParams:
     model: str  # hub id (e.g. facebook/opt-6.7b, the reference's) or a local folder, for from_pretrained
     enabled: bool = True  # false keeps the settings in the config without loading the model
-    alpha: float = 0.55  # weight of the LLM against the n-gram (reference: 0.55)
+    alpha: float = 0.55  # weight of the LLM against the n-gram, 0 to 1 (reference: 0.55)
     batch_size: int = 16  # hypotheses scored per forward pass
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    def problems(self):
+        if not 0 <= self.alpha <= 1:
+            yield "alpha", f"is {self.alpha}: it must be at least 0 and at most 1"
+        yield from at_least(self, 1, "batch_size")
 
 
 class LLMRescorer:

@@ -295,8 +295,8 @@ def test_config_hash_follows_everything_that_changes_the_targets():
      r"unknown espeak-ng variant .storm.; did you mean .Storm.\?"),
     ({"tts": {"name": "espeak_ng", "params": {"rate": 20}}}, r"params.rate: 20 is outside 80..450"),
     ({"encoder": {"name": "log_mel", "params": {"n_mels": 64}}}, r"params.n_mels: 64 is not one of 80, 128"),
-    ({"encoder": {"name": "log_mel", "params": {"pool": 0}}}, r"params.pool: must be at least 1"),
-    ({"batch_size": 0}, r"model_params.targets.batch_size: must be at least 1"),
+    ({"encoder": {"name": "log_mel", "params": {"pool": 0}}}, r"params.pool: is 0: it must be at least 1"),
+    ({"batch_size": 0}, r"model_params.targets.batch_size: is 0: it must be at least 1"),
     ({"device": "gpu"}, r"model_params.targets.device: 'gpu' is not a device"),
 ])
 def test_bad_names_and_params_are_user_errors(params, message):

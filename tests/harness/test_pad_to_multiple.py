@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from config import DataParams, ExperimentConfig, TrainingParams
+from config import DataParams, TrainingParams, load_config
 from harness.batching import collate
 from harness.data import Trial
 from harness.errors import UserError
-from harness.runner import check_training_params
 from harness.train import train_loader
+from tests.conftest import TINY_CONFIG
 
 
 def items(lengths, n_features=4):
@@ -42,7 +42,6 @@ def test_the_training_loader_pads_with_the_configs_multiple():
 
 @pytest.mark.parametrize("value", [0, -64])
 def test_pad_to_multiple_below_one_is_a_user_error(value):
-    config = ExperimentConfig(trial_name="t", model_constructor_name="m", data_params=DataParams(pad_to_multiple=value))
-    with pytest.raises(UserError, match="data_params.pad_to_multiple"):
-        check_training_params(config)
-    check_training_params(ExperimentConfig(trial_name="t", model_constructor_name="m"))  # the default 1 passes
+    with pytest.raises(UserError, match=r"--set data_params.pad_to_multiple: is -?\d+: it must be at least 1"):
+        load_config(TINY_CONFIG, [f"data_params.pad_to_multiple={value}"])
+    assert load_config(TINY_CONFIG).data_params.pad_to_multiple == 1  # the default passes

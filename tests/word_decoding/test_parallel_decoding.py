@@ -113,7 +113,7 @@ def test_num_workers_0_is_the_cores_divided_by_the_ranks_on_this_machine(tmp_pat
 
 
 def test_negative_num_workers_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="num_workers must be 0 .* got -1"):
+    with pytest.raises(UserError, match="num_workers: is -1: it must be at least 0"):
         decoder(tmp_path, num_workers=-1)
 
 

@@ -276,7 +276,7 @@ def test_word_decoder_params_are_checked_strictly(tmp_path):
         build_word_decoder(ComponentSpec("lexicon_ngram", {"lm_ordr": 3}), ["a b"], tmp_path)
     with pytest.raises(UserError, match="unknown word decoder 'lexicon_ngramm'; did you mean 'lexicon_ngram'"):
         build_word_decoder(ComponentSpec("lexicon_ngramm"), ["a b"], tmp_path)
-    with pytest.raises(UserError, match="acoustic_scale must be positive"):
+    with pytest.raises(UserError, match="acoustic_scale: is 0.*: it must be a finite number above 0"):
         build_word_decoder(ComponentSpec("lexicon_ngram", {"acoustic_scale": 0}), ["the cat"], tmp_path)
     greedy = build_word_decoder(ComponentSpec("greedy"), ["a b"], tmp_path)
     assert greedy.decode(torch.zeros(3, 5, N_CLASSES), [5, 5, 5]) == [None] * 3
