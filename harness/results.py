@@ -223,7 +223,7 @@ def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dic
     foreign = foreign_entries(out)
     if foreign or not is_run_folder(out):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise UserError(f"{out} is not a b2t-bench run folder ({f'it holds {shown}' if foreign else 'no config.yaml'}): "
+        raise UserError(f"{out} is not a b2t-bench run folder ({f'it holds {shown}' if foreign else 'no config.yaml or run.log'}): "
                         f"{'--overwrite' if overwrite else '--resume'} works only on run folders; choose another --out")
     for what, path in (protected or {}).items():
         if path is not None and _inside(Path(path), out):
@@ -237,8 +237,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def is_run_folder(folder: Path | str) -> bool:
+    """Only a run's entries, and one that a run writes first (a run killed before its config.yaml has run.log)."""
     folder = Path(folder)
-    return (folder / "config.yaml").is_file() and not foreign_entries(folder)
+    return any((folder / name).is_file() for name in ("config.yaml", "run.log", DONE)) and not foreign_entries(folder)
 
 
 def prepare_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dict | None = None) -> RunFolder:

@@ -366,3 +366,19 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(small_dataset, tmp_path, mo
     assert "OSError" in (out / "run.log").read_text()
     monkeypatch.setattr(results.os, "fdopen", real_fdopen)
     assert main.main(["run", "--resume", "--out", str(out)]) == 0 and (out / "DONE").is_file()
+
+
+def test_two_runs_started_together_on_one_out(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(REPO_ROOT / "main.py"), *map(str, run_args(small_dataset, out, "training_params.num_steps=2",
+                                                                          "evaluation.splits=[val]"))]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    procs = [subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    errors = [p.stderr.read().strip().splitlines() for p in procs]
+    assert sorted(codes) == [0, 2], errors
+    line = errors[codes.index(2)][-1]
+    assert "in use by another b2t-bench process" in line or "already holds an unfinished run" in line \
+        or "already holds a finished run" in line
+    assert (out / "DONE").is_file() and results.is_run_folder(out)
