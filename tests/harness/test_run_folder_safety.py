@@ -260,14 +260,16 @@ def test_the_lock_goes_with_a_killed_process(tmp_path):
     script.write_text(CLAIM.format(repo=str(REPO_ROOT)))
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, str(script), str(out), "0", "600"])
-    deadline = time.monotonic() + 60
-    while not (out / "run.log").exists():
-        assert time.monotonic() < deadline and holder.poll() is None
-        time.sleep(0.05)
-    with pytest.raises(results.UserError, match=r"in use by another b2t-bench process \(pid \d+\)"):
-        results.prepare_out_dir(out, True, False)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "run.log").exists():
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.05)
+        with pytest.raises(results.UserError, match=rf"in use by another b2t-bench process \(pid {holder.pid}\)"):
+            results.prepare_out_dir(out, True, False)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the test's own child, by its pid
+        holder.wait(timeout=60)
     with results.prepare_out_dir(out, True, False) as path:  # kill -9 left nothing stuck
         assert path == out
 
