@@ -62,8 +62,12 @@ def make_trials(session, n, rng, n_features=512, t_range=(20, 40), block=1):
 @pytest.fixture
 def small_dataset(tmp_path):
     """3 sessions; the first has train only (like 4 real sessions); test files are unlabeled."""
+    return write_small_dataset(tmp_path / "hdf5_data_final")
+
+
+def write_small_dataset(root: Path) -> Path:
+    """small_dataset's files in `root` (the same bytes each time)."""
     rng = np.random.default_rng(0)
-    root = tmp_path / "hdf5_data_final"
     for s, session in enumerate(["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]):
         write_split(root / session / "data_train.hdf5", make_trials(session, 6, rng, block=1))
         if s > 0:
@@ -80,3 +84,17 @@ def synthetic_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "data"
     write_synthetic_dataset(root, n_sessions=4, trials_per_session=80, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def ctc_tiny_run(synthetic_dataset, tmp_path_factory):
+    """configs/ctc_baseline/tiny.yml trained on synthetic_dataset once per test session, with its
+    artefacts (lexicon, n-gram LM) in a cache of its own: (run folder, cache folder). Read only."""
+    from harness import runner
+
+    folder = tmp_path_factory.mktemp("ctc_tiny_run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("B2T_CACHE_DIR", str(folder / "cache"))  # it overrides runner.CACHE_DIR (the tests set it)
+        run_dir = runner.run(str(REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"),
+                             [f"data_params.data_dir={synthetic_dataset}"], str(folder / "run"), False, False)
+    return run_dir, folder / "cache"

@@ -15,7 +15,7 @@ from config import load_config
 from harness import runner
 from harness.plugins import load_plugins
 from harness.results import BASE_COLUMNS
-from tests.conftest import REPO_ROOT, TINY_CONFIG
+from tests.conftest import REPO_ROOT, TINY_CONFIG, write_small_dataset
 
 load_plugins()  # the in-process checks read configs that name the test plugin's model
 
@@ -31,15 +31,22 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def finished_run(small_dataset, tmp_path):
-    out = tmp_path / "run"
-    result = cli("run", "--config", TINY_CONFIG, "--set", f"data_params.data_dir={small_dataset}", "--out", out)
+@pytest.fixture(scope="module")
+def run_dataset(tmp_path_factory):
+    """small_dataset, shared by the tests of finished_run (which only read it)."""
+    return write_small_dataset(tmp_path_factory.mktemp("run_dataset") / "hdf5_data_final")
+
+
+@pytest.fixture(scope="module")
+def finished_run(run_dataset, tmp_path_factory):
+    """One finished run for the tests that read it (made once: the tests must not change it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = cli("run", "--config", TINY_CONFIG, "--set", f"data_params.data_dir={run_dataset}", "--out", out)
     assert result.returncode == 0, result.stderr
     return out
 
 
-def test_run_writes_a_complete_run_folder(finished_run, small_dataset):
+def test_run_writes_a_complete_run_folder(finished_run):
     out = finished_run
     for name in ["config.yaml", "per_trial.csv", "metrics.json", "meta.json", "DONE", "run.log",
                  "checkpoints/best.pt", "checkpoints/last.pt"]:
@@ -132,9 +139,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(small_dataset, t
     assert (straight / "per_trial.csv").read_text() == (tmp_path / "resumed" / "per_trial.csv").read_text()
 
 
-def test_evaluate_a_saved_run_and_write_kaggle_csv(finished_run, small_dataset, tmp_path):
+def test_evaluate_a_saved_run_and_write_kaggle_csv(finished_run, run_dataset, tmp_path):
     out, kaggle = tmp_path / "eval", tmp_path / "submission.csv"
-    result = cli("evaluate", "--checkpoint", finished_run, "--data-dir", small_dataset, "--split", "val",
+    result = cli("evaluate", "--checkpoint", finished_run, "--data-dir", run_dataset, "--split", "val",
                  "--out", out, "--kaggle-csv", kaggle)
     assert result.returncode == 0, result.stderr
     assert (out / "DONE").is_file()
@@ -146,6 +153,7 @@ def test_evaluate_a_saved_run_and_write_kaggle_csv(finished_run, small_dataset, 
 
 
 def test_evaluate_refuses_sessions_the_checkpoint_does_not_know(finished_run, small_dataset, tmp_path):
+    # small_dataset: the same files as the run's, in a folder of this test's own, changed here
     (small_dataset / "t15.2030.01.01").mkdir()
     (small_dataset / "t15.2023.08.13" / "data_val.hdf5").rename(small_dataset / "t15.2030.01.01" / "data_val.hdf5")
     result = cli("evaluate", "--checkpoint", finished_run, "--data-dir", small_dataset, "--split", "val")
@@ -173,11 +181,11 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "usage: main.py" in result.stdout, command
 
 
-def test_evaluate_names_the_plugin_a_checkpoint_needs(finished_run, small_dataset, tmp_path):
+def test_evaluate_names_the_plugin_a_checkpoint_needs(finished_run, run_dataset, tmp_path):
     env = dict(os.environ, B2T_PLUGINS="", PYTHONPATH=str(REPO_ROOT))
     out = tmp_path / "eval"
     result = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), "evaluate", "--checkpoint", str(finished_run),
-                             "--data-dir", str(small_dataset), "--split", "val", "--out", str(out)],
+                             "--data-dir", str(run_dataset), "--split", "val", "--out", str(out)],
                             cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "model 'tiny_ctc' is registered by no loaded plugin" in result.stderr

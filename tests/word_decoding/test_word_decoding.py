@@ -372,23 +372,10 @@ def test_an_llm_that_cannot_be_loaded_is_a_user_error(tmp_path):
 # through the main loop, and the benchmark script
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synthetic_dataset, tmp_path_factory):
-    """The tiny CTC baseline config (lexicon_ngram) trained on the test data; its cache kept apart."""
+def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(ctc_tiny_run, synthetic_dataset, tmp_path):
     from harness import runner
 
-    folder = tmp_path_factory.mktemp("tiny_run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("B2T_CACHE_DIR", str(folder / "cache"))  # it overrides runner.CACHE_DIR (the tests set it)
-        tiny = REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"
-        run_dir = runner.run(str(tiny), [f"data_params.data_dir={synthetic_dataset}"], str(folder / "run"), False, False)
-        yield run_dir, folder / "cache"
-
-
-def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(tiny_run, synthetic_dataset, tmp_path):
-    from harness import runner
-
-    run_dir, cache = tiny_run
+    run_dir, cache = ctc_tiny_run
     val = json.loads((run_dir / "metrics.json").read_text())["val"]
     assert val["wer"] is not None and val["cer"] is not None and val["wer_ci"][0] <= val["wer"] <= val["wer_ci"][1]
     assert val["wer"] < 0.9 and 0 <= val["word_decoder_oov_rate"] < 0.1
@@ -409,14 +396,14 @@ def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(tiny_run, 
     assert len(list((cache / "word_decoding").glob("lm-*.arpa"))) == 1
 
 
-def test_the_benchmark_script_runs_at_a_toy_size(tiny_run, tmp_path, capsys):
+def test_the_benchmark_script_runs_at_a_toy_size(ctc_tiny_run, tmp_path, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("word_decoding_bench", REPO_ROOT / "benchmarks" / "word_decoding.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--run", str(tiny_run[0]), "--beams", "2", "8", "--default-beam", "8", "--passes", "1",
+    assert bench.main(["--run", str(ctc_tiny_run[0]), "--beams", "2", "8", "--default-beam", "8", "--passes", "1",
                        "--lms", "large", "--sentences", "300", "--workers", "2", "--repeats", "1",
                        "--cores-params", '{"lm_order": 3, "beam_size": 8, "nbest": 4}', "--json", str(out)]) == 0
     results = json.loads(out.read_text())
