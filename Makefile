@@ -22,6 +22,7 @@ SETUP_ARGS ?=
 
 # Real files that stand for "done", so work happens only when it is missing or out of date.
 STAMP := .venv/.b2t-setup-stamp
+DEV_STAMP := .venv/.b2t-setup-dev-stamp
 SYNTH_DIR := data/synthetic
 SYNTH_REPORT := $(SYNTH_DIR)/synth_report.json
 COMPARE_OUT := results/comparison
@@ -35,8 +36,10 @@ define HELP
 b2t-bench make targets
 
   help          this text (the default)
-  setup         create .venv and install dependencies (bash setup.sh; SETUP_ARGS=--force reinstalls)
-  test          lint (ruff check .) and run the test suite: $(PY) -m pytest -q tests
+  setup         create .venv and install b2t-bench editable (pip install -e .: the `b2t` command) with
+                its dependencies (bash setup.sh; SETUP_ARGS=--dev adds pytest, ruff, jiwer; --force reinstalls)
+  test          install the dev extra (bash setup.sh --dev), lint (ruff check .) and run the test
+                suite: $(PY) -m pytest -q tests (slurm tests: B2T_TEST_SLURM=install, see README)
   synth         make the embedded synthetic dataset in $(SYNTH_DIR) (once; `make clean` removes it)
   data          download the real Brain-to-Text '25 data and baseline checkpoint from Dryad into
                 $(DATA_DEST) (needs DRYAD_TOKEN or DRYAD_CLIENT_ID + DRYAD_CLIENT_SECRET; README "Data")
@@ -47,7 +50,7 @@ b2t-bench make targets
   gpu-check     check every GPU path once (bf16, torch.compile and its recompilations, cuDNN packing,
                 the 7B-shaped LLM step, NCCL) on random data, at most 8 min; one table, also in
                 $(GPU_CHECK_OUT).md/.json (benchmarks/gpu_check.py). Without a GPU: says so, exits 0
-  clean         remove generated data ($(SYNTH_DIR)), .cache/, __pycache__, .pytest_cache
+  clean         remove generated data ($(SYNTH_DIR)), .cache/, __pycache__, .pytest_cache, build leftovers
                 (keeps results/ and .venv)
   distclean     clean, and remove .venv too
 
@@ -77,10 +80,14 @@ help:
 setup:
 	PYTHON="$(PYTHON)" bash setup.sh $(SETUP_ARGS)
 
-$(STAMP): setup.sh requirements.txt constraints.txt
+$(STAMP): setup.sh pyproject.toml constraints.txt
 	PYTHON="$(PYTHON)" bash setup.sh
 
-test: $(STAMP)
+# The dev extra (pytest, ruff, jiwer) on top: only the tests need it.
+$(DEV_STAMP): setup.sh pyproject.toml constraints.txt
+	PYTHON="$(PYTHON)" bash setup.sh --dev
+
+test: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
@@ -118,7 +125,7 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:
-	rm -rf $(SYNTH_DIR) .cache .pytest_cache
+	rm -rf $(SYNTH_DIR) .cache .pytest_cache b2t_bench.egg-info build
 	find . -path ./.venv -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

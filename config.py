@@ -150,7 +150,7 @@ def learning_rate_problems(params):
 
 @dataclass
 class TrainingParams:
-    num_steps: int = 1000  # optimizer updates; each takes grad_accum_steps batches per rank
+    num_steps: int = 1000  # optimizer updates; each takes grad_accum_steps batches per rank (0: decode the initial weights)
     # Gradient accumulation: the optimizer steps once per grad_accum_steps batches (losses scaled so
     # the update is that of one step on their concatenation). Under torchrun each of N ranks takes its
     # own batches: one update sees N x grad_accum_steps x batch_size trials (harness/batching.py).
@@ -174,6 +174,12 @@ class TrainingParams:
     grad_norm_clip: float | None = None
     amp_bf16: bool = False  # bf16 autocast (CUDA only)
     compile: bool = False  # torch.compile the model
+    # Exponential moving average of the weights, updated after every optimizer step (harness/train.py,
+    # WeightAverage): average = decay * average + (1 - decay) * weights, the weights themselves after
+    # step 1. Validation, best.pt (its "model") and the final decoding use the average; last.pt keeps
+    # the trained weights and the average ("ema"), so --resume is exact. None: off. 0.999 averages
+    # over about the last 1/(1 - decay) = 1000 steps.
+    ema_decay: float | None = None
     # validation, checkpoints, logs
     val_every: int = 200  # steps between validations (0: only at the end)
     # Word decoding (a lexicon + n-gram search) at every validation: off in the published recipe, which
@@ -194,6 +200,8 @@ class TrainingParams:
         yield from above(self, 0, "eps", "grad_norm_clip")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             yield "betas", f"is {self.betas}: it must be two numbers, each at least 0 and below 1"
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:  # `not` also catches NaN
+            yield "ema_decay", f"is {self.ema_decay}: it must be above 0 and below 1 (null: no average)"
 
 
 @dataclass
@@ -212,8 +220,16 @@ class EvaluationParams:
 @dataclass
 class OutputParams:
     results_dir: str = "results"  # runs without --out go to results_dir/<trial_name>_<time>
-    tensorboard: bool = True
+    # Experiment trackers (harness/trackers.py): each gets the config, the scalars, the validation
+    # panels and the final metrics. wandb (offline by default) and mlflow (a file store in the run
+    # folder by default) are optional packages: pip install -e '.[trackers]'.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # false: no TensorBoard, whatever `trackers` says (as before trackers)
     keep_checkpoints: bool = True  # False: delete checkpoints/ once the run is DONE
+
+    def problems(self):
+        if len(set(self.trackers)) != len(self.trackers):
+            yield "trackers", f"is {self.trackers}: it names a tracker twice"
 
 
 @dataclass
@@ -427,6 +443,8 @@ def to_data(obj) -> Any:
 
 def read_yaml(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder: give a YAML file, e.g. configs/ctc_baseline/tiny.yml")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:

@@ -14,10 +14,12 @@ import warnings
 
 from harness.errors import UserError
 from harness.plugins import PluginImportError
+from harness.project import version
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="main.py", description="b2t-bench: train, evaluate and compare brain-to-text decoders.")
+    parser.add_argument("--version", action="version", version=f"b2t-bench {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="train a model from a config, decode val/test, write a run folder",

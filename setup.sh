@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# setup.sh: create .venv and install b2t-bench's dependencies. Idempotent: run it as often as you like.
+# setup.sh: create .venv and install b2t-bench into it. Idempotent: run it as often as you like.
 #
-#   bash setup.sh            create .venv if needed, install if requirements/constraints changed
+#   bash setup.sh            create .venv if needed; install b2t-bench editable (pip install -e .:
+#                            the `b2t` command) with its dependencies, if pyproject.toml's or
+#                            constraints.txt's say changed
+#   bash setup.sh --dev      the same plus the dev extra (pytest, ruff, jiwer): what `make test` runs
 #   bash setup.sh --force    reinstall every package (e.g. after changing TORCH_INDEX_URL)
+#
+# What is installed: pyproject.toml's [project] dependencies (and with --dev, the dev and trackers
+# extras), each at its version in constraints.txt: `pip install -c constraints.txt -e ".[dev,trackers]"`.
 #
 # Environment:
 #   PYTHON=python3.12   interpreter that creates .venv (default python3; needs >= 3.11).
@@ -15,13 +21,16 @@
 # Installer: `uv pip` when uv is on PATH (faster), else the venv's pip. uv does not read pip.conf:
 # configure its indexes with UV_INDEX_URL / UV_FIND_LINKS where pip uses PIP_* or pip.conf.
 #
-# Skipping: after a successful install the stamp file .venv/.b2t-setup-stamp holds the sha256 of
-# requirements.txt + constraints.txt; while they are unchanged a run only says "already set up".
+# Skipping: after a successful install the stamp file .venv/.b2t-setup-stamp (--dev:
+# .venv/.b2t-setup-dev-stamp) holds the sha256 of pyproject.toml's [project], [build-system] and
+# [tool.setuptools] tables + constraints.txt; while they are unchanged a run only says "already set up"
+# (editing pyproject.toml's tool settings, ruff's or pytest's, reinstalls nothing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 VENV=.venv
 STAMP="$VENV/.b2t-setup-stamp"
+DEV_STAMP="$VENV/.b2t-setup-dev-stamp"
 PYTHON="${PYTHON:-python3}"
 MIN_PYTHON=(3 11)  # the pins of constraints.txt (numpy 2.4, scipy 1.17, ...) need it
 
@@ -31,9 +40,11 @@ die() { echo "setup.sh: error: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 FORCE=0
+DEV=0
 for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
+        --dev) DEV=1 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$arg' (try: bash setup.sh --help)" ;;
     esac
@@ -72,14 +83,36 @@ fi
 VPY="$VENV/bin/python"
 
 # --- dependencies ------------------------------------------------------------------------------
-WANT_HASH="$(cat requirements.txt constraints.txt | sha256_of)"
-if [[ $FORCE == 0 && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_HASH" ]]; then
-    touch "$STAMP"  # newer than its inputs again, so make does not call us back
-    say "already set up (requirements.txt and constraints.txt unchanged; --force reinstalls)"
+# What decides the install: pyproject.toml's tables that pip reads, constraints.txt, and the extras.
+install_inputs() {
+    "$VPY" - <<'PY'
+import json, tomllib
+with open("pyproject.toml", "rb") as f:
+    pyproject = tomllib.load(f)
+tables = {"project": pyproject.get("project"), "build-system": pyproject.get("build-system"),
+          "tool.setuptools": pyproject.get("tool", {}).get("setuptools")}
+print(json.dumps(tables, sort_keys=True))
+PY
+    cat constraints.txt
+}
+INPUTS="$(install_inputs)" || die "cannot read pyproject.toml"
+RUNTIME_HASH="$(printf '%s\nextras=\n' "$INPUTS" | sha256_of)"
+DEV_HASH="$(printf '%s\nextras=dev\n' "$INPUTS" | sha256_of)"
+if [[ $DEV == 1 ]]; then
+    want_stamp=$DEV_STAMP; want_hash=$DEV_HASH; target=".[dev,trackers]"
+else
+    want_stamp=$STAMP; want_hash=$RUNTIME_HASH; target="."
+fi
+
+# Up to date: a dev install holds the runtime one too.
+if [[ $FORCE == 0 && -f "$want_stamp" && "$(cat "$want_stamp")" == "$want_hash" ]]; then
+    touch "$want_stamp"  # newer than its inputs again, so make does not call us back
+    [[ $DEV == 1 ]] && echo "$RUNTIME_HASH" > "$STAMP"
+    say "already set up (pyproject.toml's dependencies and constraints.txt unchanged; --force reinstalls)"
     exit 0
 fi
 
-install_args=(-r requirements.txt -c constraints.txt)
+install_args=(-c constraints.txt -e "$target")
 
 if command -v uv >/dev/null; then
     installer=(uv pip install --python "$VPY")
@@ -98,6 +131,7 @@ fi
 say "installing: ${installer[*]} ${install_args[*]}"
 "${installer[@]}" "${install_args[@]}"
 
-echo "$WANT_HASH" > "$STAMP"
+echo "$RUNTIME_HASH" > "$STAMP"
+[[ $DEV == 1 ]] && echo "$DEV_HASH" > "$DEV_STAMP"
 torch_info="$("$VPY" -c 'import torch; print(torch.__version__, "cuda" if torch.cuda.is_available() else "no cuda")')"
-say "done in ${SECONDS}s: $VENV ready (Python $(python_version "$VPY"), torch $torch_info)"
+say "done in ${SECONDS}s: $VENV ready (Python $(python_version "$VPY"), torch $torch_info; $("$VENV/bin/b2t" --version))"

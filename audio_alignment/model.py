@@ -9,13 +9,16 @@ sentence-level InfoNCE across the batch, and an optional auxiliary CTC head over
 classes. Evaluation ranks every sentence of the split by similarity (alignment.retrieval) and
 writes the best as the trial's text (the harness turns the ranks into retrieval accuracy); with the
 CTC head on, the run also reports phonemes (PER) and, through a shared word decoder, words
-(`text_source: ctc_words` makes those the predicted text).
+(`text_source: ctc_words` makes those the predicted text). At every validation the experiment trackers
+get a heatmap of the cosine similarity of every brain frame to every target frame of one trial
+(`validation_figures`).
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -33,6 +36,9 @@ from harness.model_api import DecoderModel
 from harness.phonemes import N_CLASSES
 from registry import register_model_constructor
 from word_decoding import NoWords, build_word_decoder, greedy_phonemes, log_softmax_cpu, word_decoder_field
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -144,6 +150,18 @@ class GRUAlign(GRUEncoder, DecoderModel):
             row["predicted_text"] = row.pop(source, None)
         return rows
 
+    def validation_figures(self, batch):
+        """The cosine similarity of each brain embedding frame to each (standardised) target frame of
+        the batch's first trial: what the frame-wise loss aligns, before any resampling."""
+        if not batch.sentences or not batch.sentences[0]:
+            return {}
+        _, emb, lengths = self.embed(batch)
+        target, target_lengths = self.batch_targets(batch.sentences[:1], emb.device)
+        brain = nn.functional.normalize(emb[0, : int(lengths[0])].float(), dim=-1)
+        audio = nn.functional.normalize(target[0, : int(target_lengths[0])].float(), dim=-1)
+        return {"brain_target_similarity": similarity_figure((brain @ audio.T).cpu().numpy(), batch.sentences[0],
+                                                             self.target_name)}
+
     def split_metrics(self, split, rows):
         metrics = {"targets": self.target_name, "text_source": self.p.text_source}
         if self.ctc_head is not None:
@@ -161,6 +179,21 @@ class GRUAlign(GRUEncoder, DecoderModel):
                   for r in rows]
         m = error_rates(scored, seed=self.evaluation.bootstrap_seed, n_resamples=self.evaluation.bootstrap_resamples)
         return {k: m[k] for k in ("wer", "wer_ci", "cer", "cer_ci")}
+
+
+def similarity_figure(similarity, sentence: str, target_name: str) -> Figure:
+    """(brain frames, target frames) cosine similarities as a heatmap, brain frames up the y axis."""
+    from matplotlib.figure import Figure  # here: matplotlib is not imported until a figure is drawn
+
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(similarity, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1,
+                      interpolation="nearest")
+    ax.set_xlabel(f"target frame ({target_name})")
+    ax.set_ylabel("brain embedding frame (patch)")
+    ax.set_title(textwrap.shorten(sentence, 70), fontsize=9)
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    return fig
 
 
 @register_model_constructor()

@@ -21,6 +21,11 @@ A registered model constructor returns a `DecoderModel`. The loop only ever call
 - `split_metrics(split, rows) -> dict`: extra split-level metrics for metrics.json (e.g.
   retrieval accuracy).
 - `min_time_steps`: trials shorter than this are skipped (or refused) before anything runs.
+- `validation_figures(batch) -> dict[str, Figure]` (optional): matplotlib figures (object API,
+  `matplotlib.figure.Figure`, no pyplot) that show something of the model on one validation trial,
+  drawn at every validation for the experiment trackers (TensorBoard's `val/<name>`); e.g.
+  gru_align's brain-vs-target frame similarity. Called on rank 0 only, in eval mode under
+  no_grad, with a batch of the same trial every time; the default draws none.
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ class DecoderModel(nn.Module):
         pass
 
     def split_metrics(self, split: str, rows: list[dict]) -> dict:
+        return {}
+
+    def validation_figures(self, batch: Batch) -> dict:
+        """{name: matplotlib Figure} for one validation trial (harness/trackers.py); none by default."""
         return {}
 
 

@@ -53,12 +53,19 @@ def per_corpus_plot(runs: list[tuple[str, dict]], split: str, path: Path) -> Pat
 
 
 def per_group_plot(runs: list[tuple[str, dict]], split: str, path: Path, key: str, noun: str) -> Path | None:
+    """per_group_figure written to `path` as a PNG; None if nothing to plot."""
+    fig = per_group_figure(runs, split, key, noun)
+    return _save(fig, path) if fig is not None else None
+
+
+def per_group_figure(runs: list[tuple[str, dict]], split: str, key: str, noun: str) -> Figure | None:
     """Error per group (session, corpus) with 95% CIs, one marker per run side by side, for every
-    metric any run has on this split; the first group ("all") is the whole split.
+    metric any run has on this split; the first group ("all") is the whole split. (Also drawn at
+    every validation for the experiment trackers, harness/trackers.py.)
 
     runs: (label, that run's metrics.json entry for the split); key: the entry's per-group dict
     (by_session, by_corpus), noun: what a group is, for the title. A run without `key` shows only
-    "all". Returns None if nothing to plot.
+    "all"; a value without its CI is a marker without bars. Returns None if nothing to plot.
     """
     metrics = [m for m in METRICS if any(entry.get(m) is not None for _, entry in runs)]
     if not metrics:
@@ -90,7 +97,7 @@ def per_group_plot(runs: list[tuple[str, dict]], split: str, path: Path, key: st
     axes[-1].set_xticks(range(len(groups)), groups, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
     axes[0].set_title(f"Error per {noun} on {split}, with 95% bootstrap CIs")
     _legend(fig, [label for label, _ in runs])
-    return _save(fig, path)
+    return fig
 
 
 def _validation_history_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:

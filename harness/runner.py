@@ -34,6 +34,7 @@ from harness.evaluation import evaluate_split
 from harness.model_api import BuildContext, DataSummary, DecoderModel
 from harness.plugins import REPO_ROOT, load_plugins, plugin_names, plugin_records
 from harness.preflight import preflight
+from harness.trackers import Trackers, active_trackers, check_trackers
 from harness.train import load_checkpoint, train
 from registry import CHECKPOINT_FORMATS, CONFIG_SETTERS, DATA_PREPROCESSORS, MODEL_CONSTRUCTORS
 
@@ -299,8 +300,12 @@ def load_run_config(config_path: str | None, overrides: list[str], out: str | No
     """`run`'s config: --config FILE, or with --resume and no --config the run folder's own config.yaml."""
     if config_path is not None:
         return load_config(config_path, overrides)
-    if resume and out is not None and (Path(out) / "config.yaml").is_file():
-        return load_config(Path(out) / "config.yaml", overrides)
+    if resume and out is not None:
+        if (Path(out) / "config.yaml").is_file():
+            return load_config(Path(out) / "config.yaml", overrides)
+        results.check_out_dir(out, resume, False)  # a folder in use or of other files: say that first
+        raise UserError(f"--resume: {out} holds no run to continue (no config.yaml): give --config FILE to start "
+                        "one there")
     raise UserError("run needs --config FILE")
 
 
@@ -315,6 +320,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
         log.warning("%s is already finished (DONE): nothing to do", out)
         return Path(out)
     config = load_run_config(config_path, overrides, out, resume)
+    check_trackers(active_trackers(config.output))  # wandb or mlflow named but not installed: said now
     protected = run_inputs(config, config_path)
     check_output(out, resume, overwrite, config.output.results_dir, protected)
     dp = config.data_params
@@ -326,7 +332,8 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     device = distributed.local_device(pick_device(config.training_params.device))
     resolved = dump_config(config)
     saved = Path(out) / "config.yaml" if out else None
-    if resume and saved.is_file() and saved.read_text() != resolved:
+    # Compared as loaded, not as text: a key added to the schema since the run began (its default) is no change
+    if resume and saved.is_file() and dump_config(load_config(saved, source=str(saved))) != resolved:
         raise UserError(f"{saved} differs from the config given now: resume with the run's own config "
                         f"(omit --config and --set) or start a new run")
     with distributed.process_group(device):
@@ -346,7 +353,8 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
 
         claim = (lambda: results.prepare_out_dir(out, resume, overwrite, protected)) if out else (
             lambda: results.new_run_dir(config.output.results_dir, config.trial_name, claim=True))
-        with claimed_run_dir(claim) as run_dir, run_logging(run_dir, held):
+        with (claimed_run_dir(claim) as run_dir, run_logging(run_dir, held),
+              Trackers.for_run(config, run_dir) as trackers):
             log.info("run folder: %s", run_dir)
             if distributed.describe():
                 log.info("torch.distributed: %s; each update sees %d x %d x %d trials (ranks x grad_accum_steps "
@@ -360,7 +368,8 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
 
             state = None
             if config.training_params.num_steps > 0:
-                state = train(model, config, trials, stores, preprocessors, device, run_dir, resume=resume)
+                state = train(model, config, trials, stores, preprocessors, device, run_dir, resume=resume,
+                              trackers=trackers)
             best = run_dir / "checkpoints" / "best.pt"
             if config.evaluation.use_best_checkpoint and best.is_file():
                 model.load_state_dict(load_checkpoint(best)["model"])
@@ -374,7 +383,9 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                 "best_step": state.best_step if state else None,
                 "validation_history": state.history if state else [],
             }
-            decode_and_write(run_dir, model, config, trials, stores, preprocessors, device, meta, run_info)
+            trackers.start(state.step if state else 0)  # train() started them; without training, started here
+            trackers.final(decode_and_write(run_dir, model, config, trials, stores, preprocessors, device, meta,
+                                            run_info))
             if distributed.is_main() and not config.output.keep_checkpoints:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             log.info("finished: %s", run_dir)
@@ -409,16 +420,18 @@ def start_meta(device, data_fingerprint) -> dict | None:
 
 
 def decode_and_write(run_dir: Path, model, config, trials, stores, preprocessors, device, meta, run_info: dict,
-                     kaggle_csv: str | None = None) -> None:
+                     kaggle_csv: str | None = None) -> dict | None:
     """The tail of `run` and `evaluate`: decode the evaluation splits, then (rank 0) per_trial.csv,
-    metrics.json, meta.json, the Kaggle CSV if asked, and DONE last."""
+    metrics.json, meta.json, the Kaggle CSV if asked, and DONE last. Returns metrics.json's content
+    (None on the other ranks)."""
     rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
     if not distributed.is_main():
-        return
+        return None
     metrics["run"] = run_info
     if kaggle_csv:
         write_kaggle_csv(Path(kaggle_csv), rows)
     write_run_outputs(run_dir, rows, metrics, meta)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 AdamW over the parameter groups the model names, a per-group LambdaLR (linear warmup, then cosine
 or linear decay to lr_min, flat after), gradient-norm clipping, optional bf16 autocast and
 torch.compile, validation every `val_every` steps with the best checkpoint kept, resumable
-checkpoints every `checkpoint_every` steps, TensorBoard scalars, a progress bar, optional early stop,
-gradient accumulation (`grad_accum_steps`).
+checkpoints every `checkpoint_every` steps, scalars and validation panels for the experiment trackers
+(harness/trackers.py; TensorBoard by default), a progress bar, optional early stop,
+gradient accumulation (`grad_accum_steps`), an optional exponential moving average of the weights
+(`ema_decay`: validation and best.pt on the average).
 
 Under torchrun (harness/distributed.py) every rank runs this loop on its own batches, the model
 wrapped in DistributedDataParallel so that gradients are averaged before each update; validation
@@ -19,6 +21,7 @@ import functools
 import io
 import logging
 import math
+import operator
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -38,6 +42,7 @@ from harness.errors import UserError, brief
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
 from harness.plugins import plugin_records
 from harness.results import atomic_write_bytes, partial_writes
+from harness.trackers import Trackers, log_validation
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +157,89 @@ def restore_rng(saved: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Exponential moving average of the weights
+
+
+class WeightAverage:
+    """training_params.ema_decay: torch's AveragedModel with get_ema_multi_avg_fn, updated after every
+    optimizer step (after step 1 it holds the weights; after each later step decay * average +
+    (1 - decay) * weights). Every rank keeps its own; they agree, as the weights do.
+
+    AveragedModel deep-copies the module it is given, so it is given a module holding only what is
+    averaged, under the model's names, not the model: the trainable parameters and the floating-point
+    buffers saved with the weights that hold finite values (running statistics such as BatchNorm's).
+    The whole model would also copy what training never changes or cannot be copied (llm_decoder's
+    frozen language model, a word decoder's worker pool), and use_buffers=True on it would turn a
+    buffer holding -inf (an additive attention mask) into NaN. The rest is the model's own.
+
+    Validation and best.pt take the average by copying it into the model's tensors and back
+    (`swapped_in`): the model API and a compiled forward are untouched, the trained weights come back
+    bit for bit, and best.pt's "model" is a plain state dict of the model that `evaluate` loads."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = model
+        saved = set(model.state_dict())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named += [(n, b) for n, b in model.named_buffers()
+                  if n in saved and b.is_floating_point() and bool(b.isfinite().all())]
+        holder = nn.Module()  # the averaged tensors as buffers, in submodules named as the model's
+        for name, tensor in named:
+            *path, leaf = name.split(".")
+            node = holder
+            for part in path:
+                if part not in node._modules:
+                    node.add_module(part, nn.Module())
+                node = node._modules[part]
+            node.register_buffer(leaf, tensor.detach())
+        self.average = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.names = [name for name, _ in self.average.module.named_buffers()]  # the order update reads
+
+    def update(self) -> None:
+        """After an optimizer step: the first copies the weights, each later one moves the average."""
+        self.average.update_parameters(_Tensors(self.model, self.names))
+
+    def _model_tensors(self) -> list[torch.Tensor]:
+        return list(_Tensors(self.model, self.names).buffers())
+
+    def copy_to_model(self) -> None:
+        with torch.no_grad():
+            for mine, averaged in zip(self._model_tensors(), self.average.module.buffers(), strict=True):
+                mine.copy_(averaged)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside: the model holds the average; after: its own weights again, bit for bit."""
+        kept = [t.detach().clone() for t in self._model_tensors()]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for mine, own in zip(self._model_tensors(), kept, strict=True):
+                    mine.copy_(own)
+
+    def state_dict(self) -> dict:
+        return self.average.state_dict()  # n_averaged and module.<the model's name> per tensor
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average.load_state_dict(state)
+
+
+class _Tensors:
+    """The model's averaged tensors as AveragedModel.update_parameters reads a module (parameters(),
+    then buffers()), looked up by name on every call, so a buffer the model reassigns is followed."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model, self.names = model, names
+
+    def parameters(self):
+        return iter(())
+
+    def buffers(self):
+        return (operator.attrgetter(name)(self.model) for name in self.names)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -223,18 +311,23 @@ def backward(loss_fn, no_sync, batch, accum: int = 1, final: bool = True,
 
 
 def train(model, config, trials: dict, stores: dict, preprocessors, device: torch.device, run_dir: Path,
-          resume: bool = False) -> TrainState:
-    """Train `model` in place; leaves checkpoints/{last,best}.pt in run_dir and returns the state."""
+          resume: bool = False, trackers: Trackers | None = None) -> TrainState:
+    """Train `model` in place; leaves checkpoints/{last,best}.pt in run_dir and returns the state. The
+    scalars and validation panels go to `trackers` (started here, left open for the caller's final
+    metrics), else to trackers of config.output opened and closed here. With
+    training_params.ema_decay the model ends holding the average of the weights (last.pt: the trained ones)."""
     tp, dp = config.training_params, config.data_params
     accum = tp.grad_accum_steps  # at least 1: TrainingParams.problems
     ckpt_dir, last = run_dir / "checkpoints", run_dir / "checkpoints" / "last.pt"
     optimizer, scheduler = build_optimizer(model, tp)
-    state = resume_from(last, model, optimizer, scheduler) if resume else TrainState()
-    save = checkpoint_writer(model, optimizer, scheduler, state, to_data(config))
+    ema = WeightAverage(model, tp.ema_decay) if tp.ema_decay is not None else None  # before compile: copies
+    state = resume_from(last, model, optimizer, scheduler, ema) if resume else TrainState()
+    save = checkpoint_writer(model, optimizer, scheduler, state, to_data(config), ema)
     if tp.compile:
         model.compile()  # in place: forward is compiled, so loss()/decode() that call self(...) use it
     loss_fn, no_sync = loss_function(model, tp, device)
-    writer = _tensorboard(run_dir, config, state.step)
+    own_trackers = trackers is None
+    trackers = (Trackers.for_run(config, run_dir) if own_trackers else trackers).start(state.step)  # rank 0's
     loader = train_loader(trials["train"], stores["train"], dp, tp, state.step, device)
     has_val = bool(trials.get("val"))
     bar = tqdm(total=tp.num_steps, initial=state.step, dynamic_ncols=True, desc="train",
@@ -256,18 +349,21 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
             continue
         grad_norm = _clip(model, tp.grad_norm_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update()  # once per optimizer step, not per micro-batch
         scheduler.step()
         state.step += 1
         bar.update(1)
 
         if state.step % tp.log_every == 0 or state.step == tp.num_steps:
-            log_step(losses, grad_norm, optimizer, state, speed, writer, bar, tp)
+            log_step(losses, grad_norm, optimizer, state, speed, trackers, bar, tp)
             losses = {}
         stop = False
         if has_val and ((tp.val_every and state.step % tp.val_every == 0) or state.step == tp.num_steps):
-            improved, stop = _validate(model, config, trials, stores, preprocessors, device, state, writer)
-            if improved:
-                save(ckpt_dir / "best.pt")
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # validate the average
+                improved, stop = _validate(model, config, trials, stores, preprocessors, device, state, trackers)
+                if improved:
+                    save(ckpt_dir / "best.pt", resumable=False)  # "model": the average, with EMA
             bar.set_postfix(loss=f"{values['loss']:.3f}", **_best_postfix(state, tp))
         if (tp.checkpoint_every and state.step % tp.checkpoint_every == 0) or state.step == tp.num_steps or stop:
             save(last)
@@ -276,14 +372,19 @@ def train(model, config, trials: dict, stores: dict, preprocessors, device: torc
                      state.validations_without_improvement)
             break
     bar.close()
-    writer.close()
+    if own_trackers:
+        trackers.close()
+    if ema is not None:
+        ema.copy_to_model()  # the final decoding without best.pt (or use_best_checkpoint: false) uses the average
     distributed.barrier()  # rank 0's last checkpoints are on disk before any rank reads them
     return state
 
 
-def resume_from(last: Path, model, optimizer, scheduler) -> TrainState:
+def resume_from(last: Path, model, optimizer, scheduler, ema: WeightAverage | None = None) -> TrainState:
     """`--resume`: drop what a killed checkpoint write left, then load the last checkpoint (weights,
-    optimizer, schedule, step, every rank's RNG); a fresh state when there is none yet."""
+    optimizer, schedule, step, every rank's RNG, the average of the weights); a fresh state when there
+    is none yet. With ema_decay set, a checkpoint without an average is refused: starting the average
+    anew from the resumed weights would validate and pick best.pt on weights no uninterrupted run has."""
     if distributed.is_main():
         remove_partial_checkpoints(last.parent)
     if not last.is_file():
@@ -291,11 +392,21 @@ def resume_from(last: Path, model, optimizer, scheduler) -> TrainState:
         return TrainState()
     try:
         saved = load_checkpoint(last)
+        if ema is not None and "ema" not in saved:
+            raise UserError(f"{last}: holds no average of the weights, and training_params.ema_decay is set: "
+                            "resume with ema_decay: null in the run's config.yaml, or start a new run")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["train_state"])
         restore_rng(saved)
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        elif "ema" in saved:
+            log.warning("%s holds an average of the weights, and training_params.ema_decay is not set: validation "
+                        "and best.pt use the trained weights from here on", last)
+    except UserError:
+        raise
     except Exception as error:  # a truncated file, a crafted pickle (weights_only refuses it), another model's
         raise UserError(f"{last}: cannot resume from it ({brief(error)}); move it away to resume from step 0, "
                         "or start a new run") from None
@@ -303,14 +414,18 @@ def resume_from(last: Path, model, optimizer, scheduler) -> TrainState:
     return state
 
 
-def checkpoint_writer(model, optimizer, scheduler, state: TrainState, config_data: dict):
-    """save(path): every rank calls it (rank 0's checkpoint holds every rank's RNG state); rank 0 writes."""
+def checkpoint_writer(model, optimizer, scheduler, state: TrainState, config_data: dict,
+                      ema: WeightAverage | None = None):
+    """save(path, resumable=True): every rank calls it (rank 0's checkpoint holds every rank's RNG state);
+    rank 0 writes. A resumable one (last.pt) holds the average of the weights as "ema" too; best.pt is
+    written while the average is swapped into the model, so its "model" is the average."""
 
     plugins = plugin_records()
 
-    def save(path: Path) -> None:
+    def save(path: Path, resumable: bool = True) -> None:
         rngs = distributed.gather_object(rng_state())
         if distributed.is_main():
+            averaged = {"ema": ema.state_dict()} if ema is not None and resumable else {}
             save_checkpoint(path, {
                 "config": config_data,
                 "model": model.state_dict(),
@@ -319,6 +434,7 @@ def checkpoint_writer(model, optimizer, scheduler, state: TrainState, config_dat
                 "train_state": vars(state),
                 "rng_by_rank": rngs,
                 "plugins": plugins,  # so that `evaluate` can say which plugin made this model
+                **averaged,
             })
 
     return save
@@ -346,14 +462,14 @@ class StepRate:
         return (step - self.first_step) / max(1e-9, time.monotonic() - self.started)
 
 
-def log_step(losses: dict, grad_norm: float, optimizer, state: TrainState, speed: StepRate, writer, bar, tp) -> None:
-    """The mean of each loss part since the last log line, to TensorBoard, the bar and run.log."""
+def log_step(losses: dict, grad_norm: float, optimizer, state: TrainState, speed: StepRate, trackers: Trackers,
+             bar, tp) -> None:
+    """The mean of each loss part since the last log line, to the trackers, the bar and run.log."""
     means = {k: float(np.mean(v)) for k, v in losses.items()}
-    for key, value in means.items():
-        writer.add_scalar(f"train/{key}", value, state.step)
-    writer.add_scalar("train/grad_norm", grad_norm, state.step)
-    for group in optimizer.param_groups:
-        writer.add_scalar(f"lr/{group['name']}", group["lr"], state.step)
+    scalars = {f"train/{key}": value for key, value in means.items()}
+    scalars["train/grad_norm"] = grad_norm
+    scalars.update({f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups})
+    trackers.scalars(state.step, scalars)
     bar.set_postfix(loss=f"{means['loss']:.3f}", **_best_postfix(state, tp))
     log.info("step %d loss %.4f grad_norm %.3f %.1f steps/s", state.step, means["loss"], grad_norm, speed(state.step))
 
@@ -367,38 +483,38 @@ def _clip(model, max_norm) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
 
 
-def _validate(model, config, trials, stores, preprocessors, device, state, writer) -> tuple[bool, bool]:
+def _validate(model, config, trials, stores, preprocessors, device, state, trackers: Trackers) -> tuple[bool, bool]:
     """Validate (shared out across ranks), log; returns (improved, early stop). Rank 0 decides and
-    every rank gets its decision and its TrainState, so all of them stop at the same step."""
+    every rank gets its decision and its TrainState, so all of them stop at the same step. Rank 0 also
+    gives the trackers the validation's panels (example decodes, figures)."""
     tp, dp, ev = config.training_params, config.data_params, config.evaluation
-    _, metrics, loss = evaluate_split(
+    rows, metrics, loss = evaluate_split(
         model, "val", trials["val"], stores["val"], preprocessors, device=device,
         eval_batch_size=dp.eval_batch_size, amp=tp.amp_bf16, bootstrap_resamples=0,
         bootstrap_seed=ev.bootstrap_seed, with_loss=True, decode_words=tp.val_decode_words,
         pad_to_multiple=dp.pad_to_multiple, name="validate", show_progress=tp.progress_bar)
     improved = False
     if distributed.is_main():
-        improved = _record_validation(metrics, loss, state, writer, tp)
+        improved = _record_validation(metrics, loss, state, trackers, tp)
+        log_validation(trackers, state.step, rows, model=model, trials=trials["val"], store=stores["val"],
+                       preprocessors=preprocessors, device=device, config=config)
     improved, decided = distributed.broadcast_object((improved, vars(state)))
     vars(state).update(decided)
     stop = bool(tp.early_stop_patience) and state.validations_without_improvement >= tp.early_stop_patience
     return improved, stop
 
 
-def _record_validation(metrics: dict, loss, state: TrainState, writer, tp) -> bool:
+def _record_validation(metrics: dict, loss, state: TrainState, trackers: Trackers, tp) -> bool:
     """Log a validation, update the state; True when it is the best so far."""
     value = metrics.get(tp.best_metric)
     record = {"step": state.step, "loss": loss, tp.best_metric: value}
     state.history.append(record)
-    if loss is not None:
-        writer.add_scalar("val/loss", loss, state.step)
-    for key, metric in metrics.items():
-        if isinstance(metric, (int, float)) and not isinstance(metric, bool):
-            writer.add_scalar(f"val/{key}", metric, state.step)
+    number = lambda m: isinstance(m, (int, float)) and not isinstance(m, bool)
+    scalars = {"val/loss": loss} if loss is not None else {}
+    scalars.update({f"val/{key}": metric for key, metric in metrics.items() if number(metric)})
     for session, sm in (metrics.get("by_session") or {}).items():
-        for key, metric in sm.items():
-            if isinstance(metric, (int, float)) and not isinstance(metric, bool):
-                writer.add_scalar(f"val_by_session/{key}/{session}", metric, state.step)
+        scalars.update({f"val_by_session/{key}/{session}": metric for key, metric in sm.items() if number(metric)})
+    trackers.scalars(state.step, scalars)
     if value is None:
         raise RuntimeError(f"training_params.best_metric '{tp.best_metric}' is not among the validation metrics "
                            f"({', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))})")
@@ -416,19 +532,3 @@ def _record_validation(metrics: dict, loss, state: TrainState, writer, tp) -> bo
 def _best_postfix(state: TrainState, tp) -> dict:
     return {f"best_{tp.best_metric}": f"{state.best_value:.3f}"} if state.best_value is not None else {}
 
-
-def _tensorboard(run_dir: Path, config, start_step: int):
-    if config.output.tensorboard and distributed.is_main():
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step: a resumed run hides what the interrupted one logged after its last checkpoint
-        return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
-    return _NoWriter()
-
-
-class _NoWriter:
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass

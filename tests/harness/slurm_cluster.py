@@ -1,7 +1,9 @@
 """A real one-node slurm for the tests: the `slurm_cluster` session fixture.
 
-Uses a slurm that already answers `sinfo`; otherwise installs Debian's packages (root and apt-get
-needed, else the tests skip and say why) and starts a munged, slurmctld and slurmd of its own on
+Uses a slurm that already answers `sinfo`; otherwise, with slurm's programs installed, starts a
+munged, slurmctld and slurmd of its own. Installing Debian's packages is only done when asked:
+B2T_TEST_SLURM=install (which .ci/run sets; root and apt-get needed); otherwise, and where that is not
+possible, the tests skip and say why (`make test` on a laptop installs nothing). Its daemons run on
 localhost: its own munge socket and free ports, so that concurrent test sessions never meet; a
 slurm.conf, state and spool under a temp folder; no cgroups, no systemd (proctrack/linuxproc,
 task/none). At the end it cancels its jobs and stops exactly the daemons it started, by PID.
@@ -23,6 +25,9 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+PROGRAMS = ["slurmctld", "slurmd", "sbatch", "munged"]
+INSTALL_ENV = "B2T_TEST_SLURM"  # =install: the tests may install PACKAGES with apt-get
+NOT_ASKED = f"slurm is not installed: {INSTALL_ENV}=install lets the tests install it (root, apt-get)"
 JOB_CPUS = 16  # slurm's idea of the node (SlurmdParameters=config_overrides), so that jobs run side by side
 
 
@@ -53,8 +58,12 @@ def free_port() -> int:
 
 
 def install_packages() -> None:
-    if all(shutil.which(name) for name in ["slurmctld", "slurmd", "sbatch", "munged"]):
+    """Return when slurm's programs are there; install them only with B2T_TEST_SLURM=install, else
+    skip the test saying how to ask."""
+    if all(shutil.which(name) for name in PROGRAMS):
         return
+    if os.environ.get(INSTALL_ENV, "").strip().lower() != "install":
+        pytest.skip(NOT_ASKED)
     if os.geteuid() != 0:
         pytest.skip("slurm is not installed and installing it needs root")
     if shutil.which("apt-get") is None:

@@ -384,3 +384,43 @@ def test_two_runs_started_together_on_one_out(small_dataset, tmp_path):
     assert "in use by another b2t-bench process" in line or "already holds an unfinished run" in line \
         or "already holds a finished run" in line
     assert (out / "DONE").is_file() and results.is_run_folder(out)
+
+
+def test_a_run_from_before_a_new_config_key_resumes(quick_run):
+    # a key added to the schema after the run began (here: as if val_decode_words were new) is no change
+    (quick_run / "DONE").unlink()
+    saved = quick_run / "config.yaml"
+    assert "  val_decode_words: false\n" in saved.read_text()
+    saved.write_text(saved.read_text().replace("  val_decode_words: false\n", ""))
+    assert main.main(["run", "--resume", "--out", str(quick_run)]) == 0 and (quick_run / "DONE").is_file()
+    saved.write_text(saved.read_text().replace("  num_steps: 2\n", "  num_steps: 3\n"))
+    (quick_run / "DONE").unlink()
+    assert main.main(["run", "--resume", "--out", str(quick_run), "--config", str(TINY_CONFIG)]) == 2
+
+
+def test_overwrite_looks_inside_the_run_folders_own_folders(quick_run, small_dataset, capsys):
+    (quick_run / "checkpoints" / "mine.txt").write_text("precious")
+    line = refused(capsys, run_args(small_dataset, quick_run) + ["--overwrite"])
+    assert "it holds checkpoints/mine.txt" in line and (quick_run / "checkpoints" / "mine.txt").is_file()
+    (quick_run / "checkpoints" / "mine.txt").unlink()
+    (quick_run / "tensorboard" / "notes").mkdir()
+    assert "it holds tensorboard/notes" in refused(capsys, run_args(small_dataset, quick_run) + ["--overwrite"])
+
+
+def test_resume_without_config_on_a_folder_that_is_not_a_run(small_dataset, tmp_path, capsys):
+    assert "holds no run to continue (no config.yaml)" in refused(capsys, ["run", "--resume", "--out", tmp_path / "new"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("mine")
+    assert "is not a b2t-bench run folder (it holds README.md)" in refused(capsys, ["run", "--resume", "--out", mine])
+    assert refused(capsys, ["run", "--config", tmp_path]).endswith("is a folder: give a YAML file, e.g. "
+                                                                    "configs/ctc_baseline/tiny.yml")
+
+
+def test_a_folder_being_written_is_in_use_for_every_other_command(small_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    with results.prepare_out_dir(out, False, False) as path:  # as a run that has begun writing
+        results.atomic_write_text(path / "config.yaml", TINY_CONFIG.read_text())
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            line = refused(capsys, run_args(small_dataset, out) + extra)
+            assert f"is in use by another b2t-bench process (pid {os.getpid()})" in line, extra

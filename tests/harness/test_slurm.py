@@ -226,3 +226,32 @@ def test_local_sweep_runs_every_value_here_one_after_the_other(small_dataset, tm
     assert [r.name.split("_2")[0] for r in runs] == ["tiny_test_hidden-8", "tiny_test_hidden-16"]
     assert all((r / "DONE").is_file() for r in runs)
     assert [load_config(r / "config.yaml").model_params.hidden for r in runs] == [8, 16]
+
+
+def test_slurm_is_installed_only_when_asked(monkeypatch):
+    """Without slurm's programs, the fixture installs nothing unless B2T_TEST_SLURM=install: it skips,
+    saying how to ask. Asked, it goes on to the installing (stopped here at the root check)."""
+    import tests.harness.slurm_cluster as cluster
+
+    def no_commands(*args, **kwargs):
+        raise AssertionError(f"ran {args}: nothing may be installed")
+
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: None)  # no slurm on this machine
+    monkeypatch.setattr(cluster.subprocess, "run", no_commands)
+    monkeypatch.delenv(cluster.INSTALL_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"slurm is not installed: B2T_TEST_SLURM=install lets the tests "
+                                                    r"install it \(root, apt-get\)"):
+        cluster.install_packages()
+    monkeypatch.setenv(cluster.INSTALL_ENV, "yes")  # anything but install is not asking
+    with pytest.raises(pytest.skip.Exception, match="B2T_TEST_SLURM=install"):
+        cluster.install_packages()
+
+    monkeypatch.setenv(cluster.INSTALL_ENV, "install")
+    monkeypatch.setattr(cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="installing it needs root"):
+        cluster.install_packages()
+
+    # slurm's programs there: nothing to install, asked or not
+    monkeypatch.delenv(cluster.INSTALL_ENV)
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: f"/usr/bin/{name}")
+    cluster.install_packages()
