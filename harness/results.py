@@ -158,16 +158,18 @@ def _claim(folder: Path) -> RunFolder:
     """Take `folder`'s lock or refuse. flock, not a lock file's existence: a kill -9 never leaves it stuck,
     and flock on a file opened for writing also works on NFS (Linux maps it onto fcntl locks there)."""
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    holder = _lock_or_holder(fd)
+    if holder is not None:
         os.close(fd)
-        raise UserError(f"{folder} is in use by another b2t-bench process (pid {holder}): one run folder, one writer; "
-                        "wait for it to end or use another --out") from None
+        raise in_use(folder, holder)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return RunFolder(folder, fd)
+
+
+def in_use(folder: Path, holder: str) -> UserError:
+    return UserError(f"{folder} is in use by another b2t-bench process (pid {holder}): one run folder, one writer; "
+                     "wait for it to end or use another --out")
 
 
 def new_run_dir(results_dir: Path | str, trial_name: str, claim: bool = False) -> Path | RunFolder:
@@ -234,11 +236,17 @@ def lock_holder(folder: Path) -> str | None:
     except OSError:
         return None
     try:
+        return _lock_or_holder(fd)
+    finally:
+        os.close(fd)  # also drops the lock if it was taken
+
+
+def _lock_or_holder(fd: int) -> str | None:
+    """Take the exclusive lock on `fd` (None), or the pid written in the file of the process that holds it."""
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-    finally:
-        os.close(fd)  # also drops the lock if it was taken
     return None
 
 
@@ -256,8 +264,7 @@ def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dic
         return
     holder = None if locked_here else lock_holder(out)  # (our own lock would look like another process's)
     if holder is not None:  # a run is writing it now: neither --resume nor --overwrite may touch it
-        raise UserError(f"{out} is in use by another b2t-bench process (pid {holder}): one run folder, one writer; "
-                        "wait for it to end or use another --out")
+        raise in_use(out, holder)
     if not (resume or overwrite):
         state = "a finished run" if is_finished(out) else "an unfinished run" if is_run_folder(out) else "other files"
         raise UserError(f"{out} already holds {state}: pass --resume to continue it or --overwrite to replace it"

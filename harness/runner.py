@@ -60,10 +60,13 @@ def seed_other_ranks(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def claimed_run_dir(claim):
-    """Rank 0 makes and claims the run folder (`claim()` returns a results.RunFolder, whose lock it holds
-    until the run ends); every rank gets its path."""
-    folder = claim() if distributed.is_main() else None
+def claimed_run_dir(out: str | None, resume: bool, overwrite: bool, protected: dict, results_dir: str, name: str):
+    """Rank 0 makes and claims the run folder: --out (results.prepare_out_dir), else a new folder
+    results_dir/<name>_<time>; it holds the folder's lock until the run ends. Every rank gets its path."""
+    folder = None
+    if distributed.is_main():
+        folder = (results.prepare_out_dir(out, resume, overwrite, protected) if out is not None
+                  else results.new_run_dir(results_dir, name, claim=True))
     try:
         yield Path(distributed.broadcast_object(str(folder.path) if folder else None))
     finally:
@@ -177,11 +180,9 @@ def build_model(config: ExperimentConfig, sessions, trials, device, n_features: 
                        n_features=n_features)
     try:
         model = constructor(config.model_params, ctx)
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        raise UserError(f"model {config.model_constructor_name} does not fit in memory on {device} with these "
-                        f"model_params ({brief(error)})") from None
-    except RuntimeError as error:  # the CPU allocator says it with a RuntimeError
-        if "allocate" not in str(error) and "out of memory" not in str(error):
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        # the CPU allocator says it with a RuntimeError; any other RuntimeError is a bug of the model
+        if type(error) is RuntimeError and "allocate" not in str(error) and "out of memory" not in str(error):
             raise
         raise UserError(f"model {config.model_constructor_name} does not fit in memory on {device} with these "
                         f"model_params ({brief(error)})") from None
@@ -351,9 +352,8 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                          preflight(model, config, trials, stores, preprocessors, device, width))
         meta = start_meta(device, data_fingerprint=lambda: fingerprint(trials, stores))
 
-        claim = (lambda: results.prepare_out_dir(out, resume, overwrite, protected)) if out else (
-            lambda: results.new_run_dir(config.output.results_dir, config.trial_name, claim=True))
-        with (claimed_run_dir(claim) as run_dir, run_logging(run_dir, held),
+        with (claimed_run_dir(out, resume, overwrite, protected, config.output.results_dir, config.trial_name) as run_dir,
+              run_logging(run_dir, held),
               Trackers.for_run(config, run_dir) as trackers):
             log.info("run folder: %s", run_dir)
             if distributed.describe():
@@ -503,9 +503,8 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
         meta = start_meta(device, data_fingerprint=lambda: fingerprint(trials, stores))
         if meta is not None:
             meta["checkpoint"] = str(path)
-        claim = (lambda: results.prepare_out_dir(out, False, overwrite, protected)) if out else (
-            lambda: results.new_run_dir(config.output.results_dir, f"{config.trial_name}-eval-{split}", claim=True))
-        with claimed_run_dir(claim) as run_dir, run_logging(run_dir, held):
+        with (claimed_run_dir(out, False, overwrite, protected, config.output.results_dir,
+                              f"{config.trial_name}-eval-{split}") as run_dir, run_logging(run_dir, held)):
             log.info("run folder: %s", run_dir)
             if distributed.describe():
                 log.info("torch.distributed: %s; each decodes its share of the batches", distributed.describe())

@@ -180,7 +180,8 @@ def flatten(data, prefix: str = "") -> dict[str, bool | int | float | str]:
     return {prefix: data}
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """A metric value to log as a scalar (bool is not one)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -190,9 +191,9 @@ def final_scalars(metrics: dict) -> dict[str, float]:
     out = {}
     for split, entry in metrics.items():
         for key, value in (entry or {}).items() if isinstance(entry, dict) else ():
-            if _number(value):
+            if is_number(value):
                 out[f"final/{split}/{key}"] = float(value)
-            elif key.endswith("_ci") and isinstance(value, list) and len(value) == 2 and all(map(_number, value)):
+            elif key.endswith("_ci") and isinstance(value, list) and len(value) == 2 and all(map(is_number, value)):
                 out[f"final/{split}/{key}_low"], out[f"final/{split}/{key}_high"] = map(float, value)
     return out
 
@@ -246,14 +247,13 @@ def pick_examples(rows: list[dict], n: int = EXAMPLES) -> list[tuple]:
     return [_key(rows[i]) for i in positions]
 
 
-def log_validation(trackers: Trackers, step: int, rows: list[dict], *, model, trials, store, preprocessors,
-                   device, config) -> None:
+def log_validation(trackers: Trackers, step: int, rows: list[dict], metrics: dict, *, model, trials, store,
+                   preprocessors, device, config) -> None:
     """Rank 0, after a validation: the example decodes (the same trials every time), the error per
-    session with bootstrap error bars, and the model's own figures (DecoderModel.validation_figures)
-    for the first example trial."""
+    session with the bootstrap error bars of the validation's `metrics` (FIGURE_RESAMPLES resamples when
+    trackers are on), and the model's own figures (DecoderModel.validation_figures) for the first example trial."""
     if not trackers.active or not rows:
         return
-    from harness.metrics import split_metrics
     from harness.plots import per_group_figure
 
     if trackers.example_keys is None:
@@ -261,7 +261,6 @@ def log_validation(trackers: Trackers, step: int, rows: list[dict], *, model, tr
     by_key = {_key(r): r for r in rows}
     examples = [by_key[k] for k in trackers.example_keys if k in by_key]
     trackers.table(step, "val/examples", *example_table(examples))
-    metrics = split_metrics(rows, seed=config.evaluation.bootstrap_seed, n_resamples=FIGURE_RESAMPLES)
     figure = per_group_figure([(f"step {step}", metrics)], "val", "by_session", "session")
     if figure is not None:
         trackers.figure(step, "val/per_session", figure)

@@ -42,7 +42,7 @@ from harness.errors import UserError, brief
 from harness.evaluation import apply_preprocessors, autocast, evaluate_split
 from harness.plugins import plugin_records
 from harness.results import atomic_write_bytes, partial_writes
-from harness.trackers import Trackers, log_validation
+from harness.trackers import FIGURE_RESAMPLES, Trackers, is_number, log_validation
 
 log = logging.getLogger(__name__)
 
@@ -490,13 +490,14 @@ def _validate(model, config, trials, stores, preprocessors, device, state, track
     tp, dp, ev = config.training_params, config.data_params, config.evaluation
     rows, metrics, loss = evaluate_split(
         model, "val", trials["val"], stores["val"], preprocessors, device=device,
-        eval_batch_size=dp.eval_batch_size, amp=tp.amp_bf16, bootstrap_resamples=0,
+        eval_batch_size=dp.eval_batch_size, amp=tp.amp_bf16,
+        bootstrap_resamples=FIGURE_RESAMPLES if trackers.active else 0,  # the error bars of the trackers' figure
         bootstrap_seed=ev.bootstrap_seed, with_loss=True, decode_words=tp.val_decode_words,
         pad_to_multiple=dp.pad_to_multiple, name="validate", show_progress=tp.progress_bar)
     improved = False
     if distributed.is_main():
         improved = _record_validation(metrics, loss, state, trackers, tp)
-        log_validation(trackers, state.step, rows, model=model, trials=trials["val"], store=stores["val"],
+        log_validation(trackers, state.step, rows, metrics, model=model, trials=trials["val"], store=stores["val"],
                        preprocessors=preprocessors, device=device, config=config)
     improved, decided = distributed.broadcast_object((improved, vars(state)))
     vars(state).update(decided)
@@ -509,11 +510,10 @@ def _record_validation(metrics: dict, loss, state: TrainState, trackers: Tracker
     value = metrics.get(tp.best_metric)
     record = {"step": state.step, "loss": loss, tp.best_metric: value}
     state.history.append(record)
-    number = lambda m: isinstance(m, (int, float)) and not isinstance(m, bool)
     scalars = {"val/loss": loss} if loss is not None else {}
-    scalars.update({f"val/{key}": metric for key, metric in metrics.items() if number(metric)})
+    scalars.update({f"val/{key}": metric for key, metric in metrics.items() if is_number(metric)})
     for session, sm in (metrics.get("by_session") or {}).items():
-        scalars.update({f"val_by_session/{key}/{session}": metric for key, metric in sm.items() if number(metric)})
+        scalars.update({f"val_by_session/{key}/{session}": metric for key, metric in sm.items() if is_number(metric)})
     trackers.scalars(state.step, scalars)
     if value is None:
         raise RuntimeError(f"training_params.best_metric '{tp.best_metric}' is not among the validation metrics "
