@@ -121,10 +121,15 @@ class DataParams:
     # training_params.compile, a multiple such as 64 bounds the shapes torch.compile sees.
     pad_to_multiple: int = 1
     short_trials: Literal["skip", "error"] = "skip"  # trials shorter than the model's minimum
+    # Share of each session's training trials trained on: a seeded (data_params.seed) subset, nested
+    # (a smaller share is part of every larger one); the data_scaling protocol sets it per run
+    train_fraction: float = 1.0
 
     def problems(self):
         yield from at_least(self, 1, "n_features", "batch_size", "days_per_batch", "eval_batch_size", "pad_to_multiple")
         yield from at_least(self, 0, "num_workers")
+        if not 0 < self.train_fraction <= 1:  # `not` also catches NaN
+            yield "train_fraction", f"is {self.train_fraction}: it must be above 0 and at most 1"
 
 
 @dataclass
@@ -205,16 +210,94 @@ class TrainingParams:
 
 
 @dataclass
+class HeldOutParams:
+    """cross_session and recalibration: the sessions after a cut are held out of training
+    (harness/protocols.py). Give one of last_sessions and from_date."""
+
+    last_sessions: int | None = None  # the last K sessions (in date order) are held out
+    from_date: str | None = None  # "YYYY.MM.DD" (or YYYY-MM-DD): sessions dated on or after it are held out
+    # The day layer of a session the model was not trained on: copied from the nearest earlier
+    # training session (nearest_previous), the mean of every training session's (mean), or the
+    # identity (identity: x @ I + 0)
+    day_layer: Literal["nearest_previous", "mean", "identity"] = "nearest_previous"
+
+    def problems(self):
+        yield from at_least(self, 1, "last_sessions")
+        if self.from_date is not None and parse_date(self.from_date) is None:
+            yield "from_date", f"is {self.from_date!r}: expected a date as YYYY.MM.DD or YYYY-MM-DD"
+        if self.last_sessions is not None and self.from_date is not None:
+            yield "last_sessions", "and from_date are both given: give one cut"
+
+
+def parse_date(text: str):
+    """A "YYYY.MM.DD" or "YYYY-MM-DD" date (the end of a session name, a cut); None if it is none."""
+    import datetime
+    import re
+
+    found = re.search(r"(\d{4})[.-](\d{2})[.-](\d{2})$", str(text))
+    try:
+        return datetime.date(*map(int, found.groups())) if found else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class RecalibrationParams:
+    """recalibration: after training on the sessions before the cut, for each held-out session, each
+    k and each draw, fine-tune on k of its labelled sentences and decode the rest."""
+
+    k: list[int] = field(default_factory=lambda: [0, 10, 20, 50])  # calibration sentences per session
+    draws: int = 3  # random draws of the k sentences (k = 0 has one)
+    seed: int = 0  # seeds the draws
+    fine_tune: Literal["day_layer", "all"] = "day_layer"  # what the k sentences train
+    steps: int = 100  # optimizer updates per fine-tune (AdamW, constant learning rate)
+    lr: float = 0.005
+    batch_size: int = 16  # trials per update, drawn with replacement from the k
+
+    def problems(self):
+        if not self.k or any(not isinstance(k, int) or k < 0 for k in self.k) or len(set(self.k)) != len(self.k):
+            yield "k", f"is {self.k}: it must list distinct whole numbers, 0 or more"
+        yield from at_least(self, 1, "draws", "steps", "batch_size")
+        yield from above(self, 0, "lr")
+
+
+@dataclass
+class DataScalingParams:
+    """data_scaling: one training run per fraction of each session's training trials."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+
+    def problems(self):
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or len(set(self.fractions)) != len(self.fractions):
+            yield "fractions", f"is {self.fractions}: it must list distinct numbers above 0 and at most 1"
+
+
+PROTOCOLS = ("fixed", "cross_session", "recalibration", "data_scaling")
+
+
+@dataclass
 class EvaluationParams:
     splits: list[Literal["train", "val", "test"]] = field(default_factory=lambda: ["val", "test"])
     use_best_checkpoint: bool = True  # decode with the best validated weights, not the last
     bootstrap_resamples: int = 10_000
     bootstrap_seed: int = 0
+    # What is trained on and what is decoded (README, "Protocols"): fixed, the dataset's own
+    # train/val/test split; cross_session, train on the sessions before a cut and decode every
+    # labelled trial of the sessions after it; recalibration, cross_session and then k-sentence
+    # fine-tunes of each held-out session; data_scaling, one run per fraction of the training trials
+    protocol: Literal["fixed", "cross_session", "recalibration", "data_scaling"] = "fixed"
+    held_out: HeldOutParams = field(default_factory=HeldOutParams)
+    recalibration: RecalibrationParams = field(default_factory=RecalibrationParams)
+    data_scaling: DataScalingParams = field(default_factory=DataScalingParams)
 
     def problems(self):
         yield from at_least(self, 0, "bootstrap_resamples")
         if not self.splits:
             yield "splits", "is empty: name at least one of train, val, test"
+        if self.protocol in ("cross_session", "recalibration") and (
+                self.held_out.last_sessions is None and self.held_out.from_date is None):
+            yield "held_out", (f"names no cut for protocol {self.protocol}: set evaluation.held_out.last_sessions "
+                               "(the last K sessions) or evaluation.held_out.from_date (YYYY.MM.DD)")
 
 
 @dataclass

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="skip the pre-flight check (one small batch through loss and decode before the run folder)")
     run.add_argument("--launcher", choices=["local", "slurm"], default="local",
                      help="local: run here (default); slurm: submit a job with the config's slurm: resources and return")
+    run.add_argument("--seeds", metavar="S1,S2,...",
+                     help="one run per seed (training_params.seed and data_params.seed), grouped in one folder with "
+                          "a summary (mean and spread across seeds); with slurm: one job array")
     run.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
                      help="one run per value (each parsed as YAML), each in its own folder (under --out if given); "
                           "repeatable: every combination. With slurm: one job array")
@@ -95,7 +98,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from harness.launch import launch
 
         launch(args.config, args.overrides, args.out, args.resume, args.overwrite, args.launcher, args.sweeps,
-               args.preflight)
+               args.preflight, args.seeds)
     elif args.command == "evaluate":
         from harness.runner import evaluate
 

@@ -101,6 +101,11 @@ class GRUEncoder(nn.Module):
         order = torch.cat(rows)
         return torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
 
+    def day_layer_parameters(self, day: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """Session `day`'s input layer (W (C, C), b (1, C)) for the cross-session protocols
+        (harness.model_api.DecoderModel.day_layer_parameters)."""
+        return self.day_weights[day], self.day_biases[day]
+
     def param_group(self, name: str) -> str:
         """The reference recipe's groups (docs/reference.md, section 4), for every model on this
         encoder: day layers (own LR, no decay), biases (the GRU's and the heads', no decay), the rest."""

@@ -8,6 +8,7 @@ attributes may be `str` or `bytes`. Every malformed input is a UserError naming 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -436,6 +437,15 @@ class FeatureStore:
         if f is None:
             f = self._files[trial.path] = _open(Path(trial.path))
         return load_features(trial, f)
+
+    def subset(self, indices: list[int]) -> FeatureStore:
+        """A store of trials[i] for i in indices, sharing this one's features (no read, no copy)."""
+        part = copy.copy(self)
+        part.trials = [self.trials[i] for i in indices]
+        part._files, part._pid = {}, None
+        if self._memory is not None:
+            part._memory = [self._memory[i] for i in indices]
+        return part
 
     def close(self) -> None:
         for f in self._files.values():

@@ -35,13 +35,15 @@ def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, 
                    device: torch.device, eval_batch_size: int, num_workers: int = 0, amp: bool = False,
                    bootstrap_resamples: int = 10_000, bootstrap_seed: int = 0, with_loss: bool = False,
                    decode_words: bool = True, pad_to_multiple: int = 1, name: str | None = None,
-                   show_progress: bool = True):
+                   show_progress: bool = True, split_trials: list[Trial] | None = None):
     """Returns (rows, metrics, mean_loss). Rows follow the per_trial.csv contract plus the model's
     own columns; the mean loss is over labelled batches (None if not asked or unlabeled).
 
     Each batch goes through `model.evaluate` once (one forward pass for models that override it);
     `decode_words=False` lets the model skip its word decoder (validation on greedy phonemes).
-    `name` labels the progress bar and its log line (default "decode <split>").
+    `name` labels the progress bar and its log line (default "decode <split>"). `split_trials`: the
+    whole split these trials are part of, for `model.prepare_split` (a retrieval model's candidates;
+    default: `trials`), when only some of them are decoded (recalibration decodes each session apart).
 
     Under torchrun the evaluation batches are shared out (batch i to rank i % N) and gathered on
     rank 0 in the one-process order, so rank 0 gets exactly what one process would; the other ranks
@@ -49,7 +51,7 @@ def evaluate_split(model, split: str, trials: list[Trial], store: FeatureStore, 
     every candidate)."""
     was_training = model.training
     model.eval()
-    model.prepare_split(split, trials)
+    model.prepare_split(split, trials if split_trials is None else split_trials)
     batches = eval_batches(trials, eval_batch_size)
     mine = list(range(distributed.rank(), len(batches), distributed.world_size()))
     loader = DataLoader(TrialDataset(trials, store), batch_sampler=[batches[i] for i in mine],

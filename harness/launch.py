@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import submitit
@@ -24,17 +25,32 @@ import yaml
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from config import ExperimentConfig, SlurmParams, load_config
-from harness import results
+from harness import groups, results
 from harness.errors import UserError
 from harness.plugins import load_plugins
 from harness.runner import check_model, run_inputs
 
 
 def launch(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
-           launcher: str = "local", sweeps: list[str] = (), check: bool = True) -> None:
-    """main.py run: one run or a sweep, here or on slurm."""
+           launcher: str = "local", sweeps: list[str] = (), check: bool = True, seeds: str | None = None) -> None:
+    """main.py run: one run, a group of runs (--seeds, or a protocol that trains several times) or a
+    sweep, here or on slurm."""
     from harness.runner import run
 
+    group_seeds = groups.parse_seeds(seeds)
+    if is_group_launch(config_path, overrides, out, resume, group_seeds):
+        if sweeps:
+            raise UserError("--sweep and a run group (--seeds, or evaluation.protocol data_scaling/recalibration) do "
+                            "not combine: sweep the seed too (--sweep training_params.seed=1,2,3); compare groups "
+                            "runs that differ only in their seed")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and launcher == "slurm":
+            raise UserError("--launcher slurm submits jobs: start it with plain python, not under torchrun")
+        load_plugins()
+        if launcher == "local":
+            groups.run_group(config_path, overrides, out, resume, overwrite, group_seeds, check)
+        else:
+            submit_group(config_path, overrides, out, resume, overwrite, group_seeds, check)
+        return
     if launcher == "local" and not sweeps:
         run(config_path, overrides, out, resume, overwrite, check)
         return
@@ -55,6 +71,16 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
             run(config_path, run_overrides, str(folder), False, False, check)
     else:
         submit(config, config_path, planned, check)
+
+
+def is_group_launch(config_path, overrides, out, resume: bool, seeds: list[int]) -> bool:
+    """A run group: --seeds, a --resume of a group folder, or a protocol that trains more than once."""
+    if seeds or (resume and out is not None and groups.is_group(out)):
+        return True
+    if config_path is None:
+        return False
+    load_plugins()
+    return groups.needs_group(load_config(config_path, overrides), seeds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +205,12 @@ def submit(config: ExperimentConfig, config_path: str | None, planned: list[tupl
            check: bool = True) -> list:
     """Submit one job (one planned run) or one job array (a sweep); print ids, folders and logs."""
     config_text = Path(config_path).read_text() if config_path is not None else None
-    executor = make_executor(config.slurm, config.trial_name)
     calls = [SlurmRun(config_text, run_overrides, str(folder.absolute()), check) for folder, run_overrides in planned]
+    return submit_calls(config, calls, planned)
+
+
+def submit_calls(config: ExperimentConfig, calls: list[SlurmRun], planned: list[tuple[Path, list[str]]]) -> list:
+    executor = make_executor(config.slurm, config.trial_name)
     try:
         if len(calls) == 1:
             jobs = [executor.submit(calls[0])]
@@ -202,3 +232,62 @@ def _remove_empty(planned) -> None:
     for folder, _ in planned:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run groups on slurm (harness/groups.py): one job array, a job per training run
+
+
+class SlurmGroupMember(SlurmRun):
+    """A group member's job: its training run (SlurmRun: resumable, requeued), then its recalibration
+    fine-tunes if any, then the group's summary if this was the last member to finish."""
+
+    def __init__(self, config_text: str, member: dict, group_dir: str, check: bool = True):
+        super().__init__(config_text, member["overrides"], str(Path(group_dir) / member["name"]), check)
+        self.member, self.group_dir = member, group_dir
+
+    def __call__(self) -> str:
+        super().__call__()
+        group_dir = Path(self.group_dir)
+        member = groups.Member(**self.member)
+        groups.finish_member(member, Path(self.out), group_dir, load_config(group_dir / groups.GROUP_CONFIG))
+        if groups.finish_group(group_dir):
+            print(f"run group finished: {group_dir}", flush=True)
+        return self.out
+
+
+def submit_group(config_path: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool,
+                 seeds: list[int], check: bool = True) -> list:
+    """A run group as one slurm job array: every member validated and the group folder made here."""
+    require_sbatch()
+    if resume:
+        if out is None or not groups.is_group(out):
+            raise UserError("--resume of a run group needs --out GROUP_DIR (a folder with group.json)")
+        if results.is_finished(out):
+            print(f"{out} is already finished (DONE): nothing to submit")
+            return []
+        folder = Path(out)
+        _, members = groups.read_plan(folder)
+        config = load_config(folder / groups.GROUP_CONFIG)
+        left = set(groups.unfinished(folder))
+        members = [m for m in members if m.name in left or any(n.startswith(m.prefix + "k-") for n in left)]
+    else:
+        if config_path is None:
+            raise UserError("run needs --config FILE")
+        config = load_config(config_path, overrides)
+        members = groups.plan_members(config, seeds)
+        configs = groups.member_configs(config_path, overrides, members)
+        groups.check_recalibration(config)
+        if check:
+            check_model(configs[0])
+        protected = {"the config file": config_path, "data_params.data_dir": config.data_params.data_dir}
+        if out is not None:
+            with results.prepare_out_dir(out, False, overwrite, protected) as folder:
+                pass
+        else:
+            folder = results.new_run_dir(config.output.results_dir, config.trial_name)
+        groups.write_plan(folder, config, seeds, members)
+    config_text = (folder / groups.GROUP_CONFIG).read_text()
+    calls = [SlurmGroupMember(config_text, asdict(m), str(folder.absolute()), check) for m in members]
+    print(f"run group {folder}: {len(calls)} training runs to submit")
+    return submit_calls(config, calls, [(folder / m.name, m.overrides) for m in members])

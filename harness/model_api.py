@@ -21,6 +21,10 @@ A registered model constructor returns a `DecoderModel`. The loop only ever call
 - `split_metrics(split, rows) -> dict`: extra split-level metrics for metrics.json (e.g.
   retrieval accuracy).
 - `min_time_steps`: trials shorter than this are skipped (or refused) before anything runs.
+- `day_layer_parameters(day) -> (W, b) | None` (optional): the input layer of session `day`
+  (x @ W + b, W of shape (C, C), b of (1, C)), which the cross-session protocols set for a session
+  the model was not trained on (copied, averaged, or W = I and b = 0) and which recalibration may
+  fine-tune alone; None (the default): the model has no per-session layer.
 - `validation_figures(batch) -> dict[str, Figure]` (optional): matplotlib figures (object API,
   `matplotlib.figure.Figure`, no pyplot) that show something of the model on one validation trial,
   drawn at every validation for the experiment trackers (TensorBoard's `val/<name>`); e.g.
@@ -66,6 +70,10 @@ class DecoderModel(nn.Module):
 
     def split_metrics(self, split: str, rows: list[dict]) -> dict:
         return {}
+
+    def day_layer_parameters(self, day: int) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """Session `day`'s input layer (W, b) of x @ W + b; None: no per-session layer."""
+        return None
 
     def validation_figures(self, batch: Batch) -> dict:
         """{name: matplotlib Figure} for one validation trial (harness/trackers.py); none by default."""

@@ -1,4 +1,5 @@
-"""PNG plots for `compare`: error per session and per corpus with CIs, and training curves.
+"""PNG plots for `compare`: error per session and per corpus with CIs, training curves, and protocol
+curves (error against days, calibration sentences, fraction of training data; several decoders).
 
 Built on matplotlib's object API (`Figure`, no pyplot): no global figure state, no display
 needed; savefig renders with the Agg backend. Each plot is written atomically like every other
@@ -8,16 +9,21 @@ output file.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import PercentFormatter
 
 from harness import results
 from harness.metrics import METRICS
 
-LABELS = {"per": "PER", "wer": "WER", "cer": "CER"}
+LABELS = {"per": "PER", "wer": "WER", "cer": "CER", "retrieval_top1": "retrieval top-1",
+          "retrieval_top10": "retrieval top-10"}
+LOSS_TAGS = ("train/loss", "val/loss")  # drawn relative to each run's first value (losses differ in scale)
+RETRIEVAL_TAGS = ("val/retrieval_top1", "val/retrieval_top10")  # drawn whenever a run has them
 
 
 def _color(i: int) -> str:
@@ -26,10 +32,21 @@ def _color(i: int) -> str:
     return f"C{i % 10}"
 
 
+def _handles(labels: list[str]) -> list[Line2D]:
+    return [Line2D([], [], color=_color(i), marker="o", label=label) for i, label in enumerate(labels)]
+
+
 def _legend(fig: Figure, labels: list[str]) -> None:
     """One legend for the whole figure with every run, whichever panels it appears in."""
-    handles = [Line2D([], [], color=_color(i), marker="o", label=label) for i, label in enumerate(labels)]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.legend(handles=_handles(labels), loc="outside right upper", fontsize=8)
+
+
+def _legend_beside(ax, labels: list[str]) -> None:
+    """One legend with every run, outside `ax` to its right, its top level with the axes' top: below a
+    suptitle whatever the labels' length (a figure legend at "outside right upper" starts at the
+    figure's top edge, where the suptitle is). Constrained layout makes room for it."""
+    ax.legend(handles=_handles(labels), loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              fontsize=8)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -95,8 +112,8 @@ def per_group_figure(runs: list[tuple[str, dict]], split: str, key: str, noun: s
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(groups)), groups, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
-    axes[0].set_title(f"Error per {noun} on {split}, with 95% bootstrap CIs")
-    _legend(fig, [label for label, _ in runs])
+    fig.suptitle(f"Error per {noun} on {split}, with 95% bootstrap CIs")
+    _legend_beside(axes[0], [label for label, _ in runs])
     return fig
 
 
@@ -105,37 +122,180 @@ def _validation_history_curves(history: list[dict]) -> dict[str, list[tuple[int,
     curves: dict[str, list] = {}
     for record in history:
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 curves.setdefault("val/loss" if key == "loss" else f"val/{key}", []).append((record["step"], value))
     return curves
 
 
-def training_curves(runs: list[tuple[str, dict, list[dict]]], path: Path) -> Path | None:
-    """Training loss, validation loss and validation error rates against the step, one line per run.
+def _selection(run: tuple) -> dict | None:
+    """A training_curves run's selection dict (its optional 4th element), checked; None without one."""
+    selection = run[3] if len(run) > 3 else None
+    if selection is None:
+        return None
+    if not isinstance(selection, dict) or not selection.get("metric"):
+        raise ValueError(f"training_curves: run {run[0]!r}: selection must be None or a dict with 'metric' "
+                         f"(and optionally 'mode', 'best_step'), got {selection!r}")
+    if selection.get("mode") not in (None, "min", "max"):
+        raise ValueError(f"training_curves: run {run[0]!r}: selection mode must be 'min' or 'max', "
+                         f"got {selection['mode']!r}")
+    return selection
 
-    runs: (label, TensorBoard scalars tag -> [(step, value)], validation history of metrics.json).
-    A run without scalars falls back to its validation history. Returns None if no run has any.
+
+def _relative(points: list[tuple[int, float]]) -> list[tuple[int, float]] | None:
+    """The curve divided by its first finite value (so it starts at 1); None when that value is not
+    positive (a ratio to it would flip or blow up the curve) or there is none."""
+    first = next((v for _, v in points if math.isfinite(v)), None)
+    if first is None or first <= 0:
+        return None
+    return [(step, value / first) for step, value in points]
+
+
+def _panel_title(tag: str, modes: set) -> str:
+    kind, name = tag.split("/", 1)
+    title = f"{'training' if kind == 'train' else 'validation'} {LABELS.get(name, name)}"
+    if tag in LOSS_TAGS:
+        title += ", relative to each run's first value"
+    if modes:
+        direction = {"max": ", higher is better", "min": ", lower is better"}.get(modes.pop(), "") if len(modes) == 1 else ""
+        title += f"\n(selection metric{direction})"
+    return title
+
+
+def training_curves_figure(runs: list[tuple]) -> Figure | None:
+    """Training loss, validation loss, validation error rates and the runs' checkpoint-selection
+    metrics against the step, one line per run. None if no run has any of them.
+
+    runs: (label, TensorBoard scalars tag -> [(step, value)], validation history of metrics.json[,
+    selection]). A run without scalars falls back to its validation history (records like
+    {"step": 50, "loss": 1.2, "per": 0.4, "retrieval_top1": 0.3}). `selection`, optional (None or left
+    out: none), names the metric that picks the run's best checkpoint: {"metric": "retrieval_top1",
+    "mode": "max", "best_step": 120} (training_params.best_metric / best_mode, metrics.json's
+    run.best_step).
+
+    Panels: the losses (train/loss, val/loss) relative to each run's first logged value, as losses
+    of different models are not on one scale (a run whose first value is not positive is left out of
+    that panel, and the panel says so); val/per, val/wer, val/cer as logged; a panel val/<metric> for
+    every run's selection metric (from the scalars val/<metric>, else the validation history), its
+    title saying which way is better, each selecting run's best step ringed; and val/retrieval_top1 /
+    val/retrieval_top10 wherever a run has them.
     """
-    curves = [(label, scalars or _validation_history_curves(history)) for label, scalars, history in runs]
-    panels = [tag for tag in ("train/loss", "val/loss", *(f"val/{m}" for m in METRICS))
-              if any(tag in c for _, c in curves)]
+    curves = []
+    for run in runs:
+        label, scalars, history = run[0], run[1], run[2]
+        from_history = _validation_history_curves(history or [])
+        curve = dict(scalars or from_history)
+        selection = _selection(run)
+        if selection is not None:
+            tag = f"val/{selection['metric']}"
+            if tag not in curve and tag in from_history:
+                curve[tag] = from_history[tag]
+        curves.append((label, curve, selection))
+    modes: dict[str, set] = {}  # tag -> the modes the runs selecting on it gave
+    for _label, _curve, selection in curves:
+        if selection is not None:
+            modes.setdefault(f"val/{selection['metric']}", set()).add(selection.get("mode"))
+    candidates = ["train/loss", "val/loss", *(f"val/{m}" for m in METRICS), *modes, *RETRIEVAL_TAGS]
+    panels = [tag for tag in dict.fromkeys(candidates) if any(c.get(tag) for _, c, _ in curves)]
     if not panels:
         return None
     n_cols = min(3, len(panels))
     n_rows = -(-len(panels) // n_cols)
-    fig = Figure(figsize=(4.2 * n_cols, 3.2 * n_rows), layout="constrained")
+    fig = Figure(figsize=(4.2 * n_cols, 3.4 * n_rows), layout="constrained")
     grid = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax in grid[len(panels):]:
         ax.set_visible(False)
-    axes = grid[: len(panels)]
-    for ax, tag in zip(axes, panels):
-        for i, (_label, c) in enumerate(curves):
-            if tag in c:
-                steps, values = zip(*c[tag])
-                ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=_color(i))
-        kind, name = tag.split("/")
-        ax.set_title(f"{'training' if kind == 'train' else 'validation'} {LABELS.get(name, name)}")
+    for ax, tag in zip(grid[: len(panels)], panels):
+        left_out = []
+        for i, (label, c, selection) in enumerate(curves):
+            points = c.get(tag)
+            if not points:
+                continue
+            if tag in LOSS_TAGS:
+                points = _relative(points)
+                if points is None:
+                    left_out.append(label)
+                    continue
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, color=_color(i))
+            best_step = selection.get("best_step") if selection and f"val/{selection['metric']}" == tag else None
+            if best_step is not None and best_step in steps:
+                ax.plot([best_step], [values[steps.index(best_step)]], linestyle="none", marker="o", markersize=11,
+                        markerfacecolor="none", markeredgewidth=1.5, color=_color(i), label=f"best step {best_step}")
+        if tag in LOSS_TAGS:
+            ax.axhline(1.0, color="0.7", linewidth=0.8)
+            ax.set_ylabel("relative to the first value")
+        if left_out:
+            ax.text(0.02, 0.02, "first value not positive, not shown: " + ", ".join(left_out), fontsize=7,
+                    transform=ax.transAxes, color="0.3")
+        ax.set_title(_panel_title(tag, set(modes.get(tag, ()))), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    _legend(fig, [label for label, _ in curves])
-    return _save(fig, path)
+    _legend(fig, [label for label, _, _ in curves])
+    return fig
+
+
+def training_curves(runs: list[tuple], path: Path) -> Path | None:
+    """training_curves_figure written to `path` as a PNG; None if nothing to plot."""
+    fig = training_curves_figure(runs)
+    return _save(fig, path) if fig is not None else None
+
+
+def _finite(frame, column: str) -> np.ndarray:
+    return np.asarray(frame[column], dtype=float) if column in frame else np.full(len(frame), np.nan)
+
+
+def curve_figure(curves: list[tuple], xlabel: str, ylabel: str, title: str, log_x: bool = False) -> Figure | None:
+    """A protocol curve for several decoders on one plot: an error rate (in percent on the y axis,
+    from 0) against x (days since the last training session, k calibration sentences, fraction of
+    training data), a line with markers per decoder and its CI shaded.
+
+    curves: (label, DataFrame with columns x, value, ci_low, ci_high, and optionally sd), values as
+    fractions. Points whose x or value is NaN are skipped, the band only spans points with both CI
+    bounds; sd is accepted and not drawn (the band is the CI). log_x: a log x axis (symlog, linear
+    up to the smallest positive x, when some x is 0 or below). None when no decoder has a point.
+    """
+    fig, ax, drawn, xs_all = None, None, [], []
+    for i, (label, frame) in enumerate(curves):
+        missing = [c for c in ("x", "value") if c not in frame]
+        if missing:
+            raise ValueError(f"curve_figure: {label!r} has no column {', '.join(missing)}")
+        x, value = _finite(frame, "x"), _finite(frame, "value")
+        low, high = _finite(frame, "ci_low"), _finite(frame, "ci_high")
+        keep = np.isfinite(x) & np.isfinite(value)
+        order = np.argsort(x[keep], kind="stable")
+        x, value, low, high = (a[keep][order] for a in (x, value, low, high))
+        if not len(x):
+            continue
+        if fig is None:
+            fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+            ax = fig.subplots()
+        ax.plot(x, value, marker="o", markersize=4, color=_color(i), label=label)
+        band = np.isfinite(low) & np.isfinite(high)
+        if band.any():
+            ax.fill_between(x[band], low[band], high[band], color=_color(i), alpha=0.2, linewidth=0)
+        drawn.append(label)
+        xs_all.append(x)
+    if fig is None:
+        return None
+    if log_x:
+        xs = np.concatenate(xs_all)
+        if (xs > 0).all():
+            ax.set_xscale("log")
+        else:
+            positive = xs[xs > 0]
+            ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    return fig
+
+
+def curve_plot(curves: list[tuple], xlabel: str, ylabel: str, title: str, path: Path, *,
+               log_x: bool = False) -> Path | None:
+    """curve_figure written to `path` as a PNG; None if nothing to draw."""
+    fig = curve_figure(curves, xlabel, ylabel, title, log_x=log_x)
+    return _save(fig, path) if fig is not None else None

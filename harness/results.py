@@ -135,6 +135,10 @@ RUN_FOLDER_DIRS: dict[str, tuple[str, ...] | None] = {"checkpoints": ("*.pt",), 
                                                       "wandb": None, "mlruns": None}
 
 
+# A group of runs (harness/groups.py): its own files, and run folders (its members) inside
+GROUP_FILES = {"group.json", "group.yaml", "summary.json", "summary.csv", "summary.md", "summary.png", DONE, LOCK}
+
+
 class RunFolder:
     """A run folder claimed by this process: it holds the folder's lock until release() (or its death),
     so a second run, evaluate or --resume on the same folder is refused instead of writing beside it."""
@@ -210,6 +214,8 @@ def check_writable(folder: Path | str, what: str = "--out") -> None:
 def foreign_entries(folder: Path) -> list[str]:
     """What `folder` holds that a run folder does not, as paths relative to it (the partial writes of a killed
     run are its own). Looks into checkpoints/ and tensorboard/ too: a file of the user's there is not a run's."""
+    if (folder / "group.json").is_file():
+        return _group_foreign_entries(folder)
     foreign = []
     for entry in sorted(folder.iterdir()):
         if _partial(entry.name) or entry.name in RUN_FOLDER_FILES and entry.is_file() and not entry.is_symlink():
@@ -222,6 +228,20 @@ def foreign_entries(folder: Path) -> list[str]:
             foreign += [f"{entry.name}/{p.name}" for p in sorted(entry.iterdir())
                         if not (p.is_file() and not p.is_symlink() and (_partial(p.name) or
                                                                          any(fnmatch.fnmatch(p.name, g) for g in patterns)))]
+    return foreign
+
+
+def _group_foreign_entries(folder: Path) -> list[str]:
+    """What a group folder holds besides its own files and its members' run folders (a member
+    claimed but killed before it wrote anything holds only its lock)."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if _partial(entry.name) or entry.name in GROUP_FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink() and (
+                is_run_folder(entry) or all(p.name == LOCK for p in entry.iterdir())):
+            continue
+        foreign.append(entry.name)
     return foreign
 
 
@@ -286,9 +306,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def is_run_folder(folder: Path | str) -> bool:
-    """Only a run's entries, and one that a run writes first (a run killed before its config.yaml has run.log)."""
+    """Only a run's entries, and one that a run writes first (a run killed before its config.yaml has run.log);
+    or a group of runs (group.json and its members' run folders)."""
     folder = Path(folder)
-    return any((folder / name).is_file() for name in ("config.yaml", "run.log", DONE)) and not foreign_entries(folder)
+    return (any((folder / name).is_file() for name in ("config.yaml", "run.log", DONE, "group.json"))
+            and not foreign_entries(folder))
 
 
 def prepare_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dict | None = None) -> RunFolder:

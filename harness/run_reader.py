@@ -17,6 +17,7 @@ import yaml
 from harness.errors import UserError
 
 TRIAL_KEY = ("split", "session", "block_num", "trial_num")
+NOT_SPLITS = ("run", "protocol")  # metrics.json's sections that are not a split's metrics
 SPLITS = ("train", "val", "test")  # as harness.data.SPLITS (not imported: it pulls in h5py)
 
 
@@ -34,8 +35,8 @@ class Run:
         self.name = self.name or self.dir.name
 
     def split_metrics(self) -> dict[str, dict]:
-        """metrics.json without its "run" section: split -> that split's metrics."""
-        return {k: v for k, v in self.metrics.items() if k != "run" and isinstance(v, dict)}
+        """metrics.json without its "run" and "protocol" sections: split -> that split's metrics."""
+        return {k: v for k, v in self.metrics.items() if k not in NOT_SPLITS and isinstance(v, dict)}
 
     def rows_by_key(self, split: str) -> dict[tuple, dict]:
         """The split's per-trial rows keyed by (split, session, block_num, trial_num)."""
@@ -105,7 +106,7 @@ def _check_splits(run_dir: Path, metrics: dict, rows: list[dict]) -> None:
     train/val/test pass; and per_trial.csv must hold as many trials per split as metrics.json
     counts, else a file cut at a row boundary (or from another run) would be compared as whole."""
     for split, entry in metrics.items():
-        if split != "run" and isinstance(entry, dict) and split not in SPLITS:
+        if split not in NOT_SPLITS and isinstance(entry, dict) and split not in SPLITS:
             raise UserError(f"{run_dir / 'metrics.json'}: split {split!r} is not one of {', '.join(SPLITS)}")
     counts: dict[str, int] = {}
     for row in rows:

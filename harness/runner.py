@@ -25,7 +25,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import ExperimentConfig, OutputParams, dump_config, load_config
-from harness import distributed, results
+from harness import distributed, protocols, results
 from harness.batching import check_batching
 from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, open_feature_stores, read_trials
 from harness.devices import pick_device
@@ -136,7 +136,7 @@ def prepare_data(config: ExperimentConfig, splits) -> tuple[dict, list]:
     them: everything a model is built from."""
     dp = config.data_params
     dp.sessions = dp.sessions or find_sessions(dp.data_dir)
-    trials = read_splits(config, splits)
+    trials = protocols.select_trials(read_splits(config, splits), config)
     preprocessors = build_preprocessors(config)
     width = output_width(preprocessors, dp.n_features)
     fill_data_fields(config, len(dp.sessions), width)
@@ -265,13 +265,18 @@ def _log_error_to_file(handler: logging.Handler, error: BaseException) -> None:
 
 
 def decode_splits(model, config, trials, stores, preprocessors, device) -> tuple[list, dict]:
+    """Decode the evaluation splits: `evaluation.splits`, or under cross_session every held-out
+    split (trials[held_out/<split>], decoded and reported as <split>)."""
     rows, metrics = [], {}
-    for split in config.evaluation.splits:
-        if not trials.get(split):
+    held = protocols.held_out_splits(trials)
+    keys = held if held else config.evaluation.splits
+    for key in keys:
+        split = key.removeprefix(protocols.HELD_OUT)
+        if not trials.get(key):
             log.info("no %s trials to decode", split)
             continue
         split_rows, split_metrics, _ = evaluate_split(
-            model, split, trials[split], stores[split], preprocessors, device=device,
+            model, split, trials[key], stores[key], preprocessors, device=device,
             eval_batch_size=config.data_params.eval_batch_size, amp=config.training_params.amp_bf16,
             bootstrap_resamples=config.evaluation.bootstrap_resamples, bootstrap_seed=config.evaluation.bootstrap_seed,
             pad_to_multiple=config.data_params.pad_to_multiple, show_progress=config.training_params.progress_bar)
@@ -325,8 +330,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     protected = run_inputs(config, config_path)
     check_output(out, resume, overwrite, config.output.results_dir, protected)
     dp = config.data_params
-    needed = {"train", "val", *config.evaluation.splits}  # val also drives checkpoint selection
-    trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in needed])
+    trials, preprocessors = prepare_data(config, needed_splits(config))
     width = output_width(preprocessors, dp.n_features)
 
     # Everything that can fail on bad input happens before the run folder exists.
@@ -392,12 +396,21 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
     return run_dir
 
 
+def needed_splits(config: ExperimentConfig) -> list[str]:
+    """The splits a run reads: train, val (it picks the checkpoint) and the decoded ones; every split
+    under cross_session (the held-out sessions' labelled trials, whatever their split)."""
+    if config.evaluation.protocol in ("cross_session", "recalibration"):
+        return list(SPLITS)
+    needed = {"train", "val", *config.evaluation.splits}
+    return [s for s in SPLITS if s in needed]
+
+
 def check_model(config: ExperimentConfig) -> None:
     """The pre-flight check alone, on this machine's CPU, e.g. before a slurm job is submitted: the
     data read, the model built and one small batch through it."""
     config = copy.deepcopy(config)
     dp = config.data_params
-    trials, preprocessors = prepare_data(config, [s for s in SPLITS if s in {"train", "val", *config.evaluation.splits}])
+    trials, preprocessors = prepare_data(config, needed_splits(config))
     width = output_width(preprocessors, dp.n_features)
     config.training_params.amp_bf16 = False  # CPU
     seed_everything(config.training_params.seed)
@@ -424,9 +437,17 @@ def decode_and_write(run_dir: Path, model, config, trials, stores, preprocessors
     """The tail of `run` and `evaluate`: decode the evaluation splits, then (rank 0) per_trial.csv,
     metrics.json, meta.json, the Kaggle CSV if asked, and DONE last. Returns metrics.json's content
     (None on the other ranks)."""
+    held_out = protocols.held_out_splits(trials)
+    if held_out:  # cross_session: the held-out sessions' day layers first
+        section = protocols.prepare_held_out(model, config)
+        log.info("held-out sessions %s; their day layers: %s", ", ".join(section["held_out_sessions"]),
+                 section["day_layer_sources"])
     rows, metrics = decode_splits(model, config, trials, stores, preprocessors, device)
     if not distributed.is_main():
         return None
+    if held_out:
+        protocols.add_days_since_training(rows, section)
+        metrics["protocol"] = protocols.held_out_section(section, rows, config)
     metrics["run"] = run_info
     if kaggle_csv:
         write_kaggle_csv(Path(kaggle_csv), rows)
