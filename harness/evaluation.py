@@ -107,5 +107,6 @@ def trial_row(trial: Trial, prediction: dict) -> dict:
     }
     row.update(trial_error_columns(trial.sentence, predicted_text, reference_phonemes, predicted_phonemes))
     row.update(corpus=trial.corpus, days_since_implant=trial.days_since_implant)  # None: no description CSV row
+    row["n_time_steps"] = trial.n_time_steps
     row.update({k: v for k, v in prediction.items() if k not in PREDICTION_KEYS})
     return row

@@ -89,7 +89,7 @@ def fine_tune(model, trials, store, preprocessors, config: ExperimentConfig, day
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
-            loss = float(value)
+            loss = value.item()
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)

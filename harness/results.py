@@ -38,6 +38,8 @@ BASE_COLUMNS = [
 # the trial's block from the dataset's description CSV (harness.description); empty when unknown.
 # Always written, right after BASE_COLUMNS and before the model's own columns.
 DESCRIPTION_COLUMNS = ["corpus", "days_since_implant"]
+# then the trial's length in 20 ms bins (compare's error against trial duration)
+TRIAL_COLUMNS = [*DESCRIPTION_COLUMNS, "n_time_steps"]
 
 
 def _umask() -> int:
@@ -113,9 +115,9 @@ def rows_to_csv(rows: list[dict], leading: list[str] = ()) -> str:
 
 
 def write_rows_csv(path: Path | str, rows: list[dict]) -> None:
-    """per_trial.csv: the contract columns first, the block's corpus and post-implant day, then any
-    model-specific columns."""
-    atomic_write_text(path, rows_to_csv(rows, [*BASE_COLUMNS, *DESCRIPTION_COLUMNS]))
+    """per_trial.csv: the contract columns first, the block's corpus and post-implant day, the trial's
+    length, then any model-specific columns."""
+    atomic_write_text(path, rows_to_csv(rows, [*BASE_COLUMNS, *TRIAL_COLUMNS]))
 
 
 def is_finished(run_dir: Path | str) -> bool:

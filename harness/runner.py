@@ -385,6 +385,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
                 "model": config.model_constructor_name,
                 "steps": state.step if state else 0,
                 "best_step": state.best_step if state else None,
+                "n_train_trials": len(trials.get("train", [])),
                 "validation_history": state.history if state else [],
             }
             trackers.start(state.step if state else 0)  # train() started them; without training, started here

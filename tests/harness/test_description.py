@@ -11,7 +11,7 @@ from harness.data import Trial, read_trials
 from harness.description import DESCRIPTION_NAME, BlockInfo, find_description, read_description
 from harness.errors import UserError
 from harness.evaluation import trial_row
-from harness.results import BASE_COLUMNS, DESCRIPTION_COLUMNS, write_rows_csv
+from harness.results import BASE_COLUMNS, TRIAL_COLUMNS, write_rows_csv
 from tests.conftest import TINY_CONFIG
 
 SESSIONS = ["t15.2023.08.11", "t15.2023.08.13", "t15.2023.08.18"]
@@ -192,8 +192,8 @@ def test_per_trial_rows_carry_corpus_and_day_after_the_base_columns(tmp_path):
     rows = [trial_row(t, {"predicted_text": "a", "predicted_phonemes": "AA", "n_frames": 7}) for t in (known, unknown)]
     write_rows_csv(tmp_path / "per_trial.csv", rows)
     header, first, second = (tmp_path / "per_trial.csv").read_text().splitlines()
-    assert header.split(",") == [*BASE_COLUMNS, *DESCRIPTION_COLUMNS, "n_frames"]  # the model's columns after
-    assert first.split(",")[-3:] == ["Harvard", "33", "7"]
-    assert second.split(",")[-3:] == ["", "", "7"]  # unknown: empty, not guessed
+    assert header.split(",") == [*BASE_COLUMNS, "corpus", "days_since_implant", "n_time_steps", "n_frames"]
+    assert first.split(",")[-4:] == ["Harvard", "33", "30", "7"]  # the model's columns after
+    assert second.split(",")[-4:] == ["", "", "30", "7"]  # unknown: empty, not guessed
     write_rows_csv(tmp_path / "old.csv", [{"split": "val", "session": "s"}])  # rows without them: empty cells
-    assert (tmp_path / "old.csv").read_text().splitlines()[0].split(",") == [*BASE_COLUMNS, *DESCRIPTION_COLUMNS]
+    assert (tmp_path / "old.csv").read_text().splitlines()[0].split(",") == [*BASE_COLUMNS, *TRIAL_COLUMNS]
