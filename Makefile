@@ -27,10 +27,13 @@ SYNTH_DIR := data/synthetic
 SYNTH_REPORT := $(SYNTH_DIR)/synth_report.json
 COMPARE_OUT := results/comparison
 GPU_CHECK_OUT := results/gpu_check
+PROTOCOLS_OUT := results/protocols
+PROTOCOL_CONFIG ?= configs/ctc_baseline/tiny.yml
 
 DATA_DEST ?= data/b2txt25
 
-.PHONY: help setup test synth data ctc-baseline gru-align llm-decoder compare gpu-check clean distclean
+.PHONY: help setup test synth data ctc-baseline gru-align llm-decoder compare gpu-check clean distclean \
+	protocols protocol-cross-session protocol-recalibration protocol-data-scaling
 
 define HELP
 b2t-bench make targets
@@ -47,6 +50,12 @@ b2t-bench make targets
   gru-align     train + evaluate the audio-aligned GRU      (configs/gru_align/gru_align.yml)
   llm-decoder   train + evaluate the LLM-decoded variant    (configs/llm_decoder/llm_decoder.yml)
   compare       compare finished runs into $(COMPARE_OUT)
+  protocols     the three protocols below on the embedded data with $(PROTOCOL_CONFIG), each a run group
+                in $(PROTOCOLS_OUT)/<protocol> with summary.md and summary.png (README "Protocols")
+  protocol-cross-session   train on the first 5 sessions, decode the last 3; seeds 1,2,3
+  protocol-recalibration   the same cut, then each held-out session's day layer fine-tuned on k = 0, 5, 10,
+                           20 of its sentences (2 draws, 40 steps each)
+  protocol-data-scaling    train on 25%, 50%, 100% of each session's training trials
   gpu-check     check every GPU path once (bf16, torch.compile and its recompilations, cuDNN packing,
                 the 7B-shaped LLM step, NCCL) on random data, at most 8 min; one table, also in
                 $(GPU_CHECK_OUT).md/.json (benchmarks/gpu_check.py). Without a GPU: says so, exits 0
@@ -65,6 +74,7 @@ Variables (make TARGET NAME=value)
   ARGS          extra arguments for main.py run / compare [$(ARGS)]
                 e.g. ARGS="--set training_params.num_steps=100", or for compare ARGS=--force
                 (gpu-check: benchmarks/gpu_check.py's, e.g. ARGS="--items a b")
+  PROTOCOL_CONFIG  the config the protocol targets run     [$(PROTOCOL_CONFIG)]
   RUNS          run folders for compare                   [every finished run under results/]
   SETUP_ARGS    arguments for setup.sh, e.g. --force      [$(SETUP_ARGS)]
   DATA_DEST     where `make data` puts the real data       [$(DATA_DEST)]
@@ -119,6 +129,23 @@ $(eval $(call MODEL_RUN,llm-decoder,llm_decoder))
 # Without RUNS, main.py compare takes every run under results/ and lists the unfinished ones.
 compare: $(STAMP)
 	$(PY) main.py compare $(RUNS) --out $(COMPARE_OUT) $(ARGS)
+
+# Each protocol is a run group (harness/groups.py) in its own folder, replaced on every call.
+protocols: protocol-cross-session protocol-recalibration protocol-data-scaling
+
+protocol-cross-session: $(STAMP) $(SYNTH_REPORT)
+	$(PY) main.py run --config $(PROTOCOL_CONFIG) --out $(PROTOCOLS_OUT)/cross_session --overwrite --seeds 1,2,3 \
+		--set evaluation.protocol=cross_session --set evaluation.held_out.last_sessions=3 $(ARGS)
+
+protocol-recalibration: $(STAMP) $(SYNTH_REPORT)
+	$(PY) main.py run --config $(PROTOCOL_CONFIG) --out $(PROTOCOLS_OUT)/recalibration --overwrite \
+		--set evaluation.protocol=recalibration --set evaluation.held_out.last_sessions=3 \
+		--set "evaluation.recalibration.k=[0,5,10,20]" --set evaluation.recalibration.draws=2 \
+		--set evaluation.recalibration.steps=40 $(ARGS)
+
+protocol-data-scaling: $(STAMP) $(SYNTH_REPORT)
+	$(PY) main.py run --config $(PROTOCOL_CONFIG) --out $(PROTOCOLS_OUT)/data_scaling --overwrite \
+		--set evaluation.protocol=data_scaling $(ARGS)
 
 # Needs no data: every item makes its own random batches.
 gpu-check: $(STAMP)

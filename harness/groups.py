@@ -17,6 +17,7 @@ Whoever finishes the last member writes the summary (harness/group_summary.py) a
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -110,19 +111,18 @@ def member_configs(config_path: str, overrides: list[str], members: list[Member]
     return [load_config(config_path, [*overrides, *m.overrides]) for m in members]
 
 
-def check_recalibration(config: ExperimentConfig) -> None:
-    """k against the held-out sessions' trials, before anything is trained."""
-    from harness.runner import needed_splits, prepare_data
+def check_group(config: ExperimentConfig, configs: list[ExperimentConfig], check: bool) -> None:
+    """What a member's run would refuse, said before the group folder exists: the data and the
+    protocol's cut (recalibration: k against the held-out sessions' trials) for every member, and the
+    pre-flight check of the model (one member's: they differ in seeds and shares of data only)."""
+    from harness.runner import check_model, needed_splits, prepare_data
 
-    if config.evaluation.protocol == "recalibration":
-        trials, _ = prepare_data(_copy(config), needed_splits(config))
-        recalibration.check_k(config, trials)
-
-
-def _copy(config: ExperimentConfig) -> ExperimentConfig:
-    import copy
-
-    return copy.deepcopy(config)
+    for member in configs:
+        trials, _ = prepare_data(copy.deepcopy(member), needed_splits(member))
+        if config.evaluation.protocol == "recalibration":
+            recalibration.check_k(member, trials)
+    if check:
+        check_model(configs[0])
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -150,8 +150,7 @@ def run_group(config_path: str | None, overrides: list[str], out: str | None, re
             raise UserError("run needs --config FILE")
         config = load_config(config_path, overrides)
         members = plan_members(config, seeds)
-        member_configs(config_path, overrides, members)
-        check_recalibration(config)
+        check_group(config, member_configs(config_path, overrides, members), check)
         protected = {"the config file": config_path, "data_params.data_dir": config.data_params.data_dir}
         if out is not None:
             results.check_out_dir(out, False, overwrite, protected)

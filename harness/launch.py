@@ -276,10 +276,7 @@ def submit_group(config_path: str | None, overrides: list[str], out: str | None,
             raise UserError("run needs --config FILE")
         config = load_config(config_path, overrides)
         members = groups.plan_members(config, seeds)
-        configs = groups.member_configs(config_path, overrides, members)
-        groups.check_recalibration(config)
-        if check:
-            check_model(configs[0])
+        groups.check_group(config, groups.member_configs(config_path, overrides, members), check)
         protected = {"the config file": config_path, "data_params.data_dir": config.data_params.data_dir}
         if out is not None:
             with results.prepare_out_dir(out, False, overwrite, protected) as folder:

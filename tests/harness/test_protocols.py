@@ -245,3 +245,16 @@ def test_bad_protocol_input_is_one_line_and_makes_nothing(synthetic_dataset, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_a_group_checks_every_member_before_its_folder_exists(synthetic_dataset, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli("--set", f"data_params.data_dir={synthetic_dataset}", "--set", "evaluation.protocol=cross_session",
+               "--set", "evaluation.held_out.from_date=2030.01.01", "--seeds", "1,2", "--out", str(out)) == 2
+    assert "no session is held out" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli("--set", f"data_params.data_dir={synthetic_dataset}", "--seeds", "1,x", "--out", str(out)) == 2
+    assert cli("--set", f"data_params.data_dir={synthetic_dataset}", "--seeds", "1,2", "--sweep",
+               "training_params.lr_max=0.1,0.2", "--out", str(out)) == 2
+    assert "sweep the seed too" in capsys.readouterr().err
+    assert not out.exists()

@@ -136,6 +136,19 @@ def test_sweep_is_a_job_array_capped_at_array_parallelism(slurm_cluster, dataset
     assert second["start"] >= first["end"]  # at most one at once: the second started after the first ended
 
 
+def test_seed_group_is_one_job_array_and_the_last_job_writes_the_summary(slurm_cluster, dataset, tmp_path):
+    out = tmp_path / "group"
+    result = cli("run", "--launcher", "slurm", "--config", TINY_CONFIG, *base(dataset, tmp_path / "logs"),
+                 "--seeds", "1,2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"submitted slurm job array \d+: 2 runs", result.stdout)
+    assert sorted(folder for _, folder, _ in SUBMITTED.findall(result.stdout)) == [str(out / "seed-1"), str(out / "seed-2")]
+    wait_for(lambda: (out / "DONE").is_file(), 120, f"the group's jobs to finish (logs {tmp_path / 'logs'})")
+    assert (out / "seed-1" / "DONE").is_file() and (out / "seed-2" / "DONE").is_file()
+    summary = read_csv(out / "summary.csv")
+    assert {row["n_runs"] for row in summary} == {"2"} and {row["split"] for row in summary} == {"val"}
+
+
 def test_make_launcher_slurm_job_survives_requeue_and_preemption_and_resumes_exactly(slurm_cluster, dataset, tmp_path):
     overrides = [*base(dataset, tmp_path / "logs"), *sets(*LONG, "evaluation.splits=[val]")]
     reference = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), "run", "--config", TINY_CONFIG,
