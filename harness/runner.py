@@ -516,6 +516,11 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
             with distributed.main_first():  # rank 0 fills shared caches first
                 model = build_model(config, known, {}, device, width)  # day layers: the checkpoint's sessions
             load_weights(model, payload["model"], path)
+            if config.evaluation.protocol in ("cross_session", "recalibration"):
+                # held-out sessions' day layers, as the run decoded them (the checkpoint holds them untrained)
+                trained_on = copy.deepcopy(config)
+                trained_on.data_params.sessions = known
+                log.info("held-out sessions' day layers: %s", protocols.prepare_held_out(model, trained_on)["day_layer_sources"])
             trials, skipped = drop_short_trials(read_splits(config, [split], day_index), model.min_time_steps,
                                                 config.data_params.short_trials)
             stores = feature_stores(trials, config)

@@ -186,7 +186,13 @@ def test_cross_session_run_decodes_the_held_out_sessions(synthetic_dataset, tmp_
     assert section["held_out"]["n_trials"] == len(rows)
     from harness.train import load_checkpoint
     weights = load_checkpoint(out / "checkpoints" / "best.pt")["model"]
-    assert not torch.equal(weights["day_weights.0"], torch.eye(512))  # trained; the held-out mean is what decoded
+    assert not torch.equal(weights["day_weights.0"], torch.eye(512))  # trained
+    # evaluate sets the held-out day layers as the run did: the same decodes of the held-out val trials
+    assert main.main(["evaluate", "--checkpoint", str(out), "--data-dir", str(synthetic_dataset), "--split", "val",
+                      "--out", str(tmp_path / "eval")]) == 0
+    again = pd.read_csv(tmp_path / "eval" / "per_trial.csv").set_index(["session", "block_num", "trial_num"])
+    held = rows[rows["split"] == "val"].set_index(["session", "block_num", "trial_num"])
+    assert len(held) and (again.loc[held.index, "predicted_phonemes"] == held["predicted_phonemes"]).all()
 
 
 def test_recalibration_group_end_to_end_and_resume(synthetic_dataset, tmp_path):
