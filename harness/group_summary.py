@@ -9,7 +9,7 @@ one per k) pools the runs that sit on it (seeds; for recalibration also the draw
 - ci_low, ci_high: the 95% bootstrap CI of that value over trials;
 - sd: the standard deviation across the runs of each run's own summed ratio (the seed, or draw,
   spread; empty with one run);
-- n_runs, n_trials.
+- n_runs, n_trials, and n_train_trials (the runs' training trials: data_scaling's x in trials).
 
 Written as summary.json, summary.csv (one row per split, point and metric), summary.md and
 summary.png (the curve, for protocols with an axis).
@@ -31,7 +31,8 @@ AXES = {"fixed": None, "cross_session": "days_since_training", "data_scaling": "
 AXIS_LABELS = {"days_since_training": "days since the last training session", "fraction": "fraction of the training trials",
                "k": "calibration sentences per held-out session (k)"}
 POOLED = "held_out"  # cross_session and recalibration: every held-out split pooled
-SUMMARY_COLUMNS = ["protocol", "split", "axis", "x", "metric", "value", "ci_low", "ci_high", "sd", "n_runs", "n_trials"]
+SUMMARY_COLUMNS = ["protocol", "split", "axis", "x", "metric", "value", "ci_low", "ci_high", "sd", "n_runs", "n_trials",
+                   "n_train_trials"]
 
 
 def read_trials(run_dir: Path) -> pd.DataFrame:
@@ -119,15 +120,19 @@ def summary_frame(group_dir: Path, n_resamples: int = 1000, seed: int = 0) -> pd
     protocol = plan["protocol"]
     axis = AXES[protocol]
     collected: dict[tuple, list[pd.DataFrame]] = {}
+    trained: dict[tuple, list[int]] = {}  # the training trials of the runs at a point (data_scaling's real x)
     for run in _runs(group_dir):
         for split, x, rows in _points(protocol, run):
             collected.setdefault((split, x), []).append(rows)
+            trained.setdefault((split, x), []).append((run["metrics"].get("run") or {}).get("n_train_trials"))
     records = []
     for (split, x), frames in sorted(collected.items(), key=lambda item: (item[0][0], -1 if item[0][1] is None else item[0][1])):
+        counts = [n for n in trained[(split, x)] if n is not None]
         for metric in (*COLUMNS, "retrieval_top1"):
             point = pooled_point(frames, metric, n_resamples, seed)
             if point is not None:
-                records.append({"protocol": protocol, "split": split, "axis": axis, "x": x, "metric": metric, **point})
+                records.append({"protocol": protocol, "split": split, "axis": axis, "x": x, "metric": metric, **point,
+                                "n_train_trials": round(float(np.mean(counts))) if counts else None})
     return pd.DataFrame.from_records(records, columns=SUMMARY_COLUMNS)
 
 
@@ -144,7 +149,7 @@ def summary_markdown(frame: pd.DataFrame, plan: dict) -> str:
         "value % [95% CI]": [f"{_percent(v)} [{_percent(lo)}, {_percent(hi)}]"
                              for v, lo, hi in zip(frame["value"], frame["ci_low"], frame["ci_high"])],
         "sd across runs (points)": [_percent(v) for v in frame["sd"]],
-        "runs": frame["n_runs"], "trials": frame["n_trials"]})
+        "runs": frame["n_runs"], "trials": frame["n_trials"], "training trials": frame["n_train_trials"]})
     seeds = plan.get("seeds") or []
     head = (f"# {plan.get('trial_name', '')}: {plan['protocol']} protocol"
             + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + "\n\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -180,5 +181,10 @@ def write_child(folder: Path, model, config: ExperimentConfig, rows: list[dict],
                       "checkpoint": str(checkpoint), "recalibration": {"k": k, "draw": draw}}
     meta = results.base_meta(str(device))
     meta["checkpoint"] = str(checkpoint)
+    # the data the protocol read is the training run's (a fine-tune reads a share of the same files),
+    # so compare matches the (k, draw) folders with it and with each other
+    base_meta = checkpoint.parent.parent / "meta.json"
+    if base_meta.is_file():
+        meta["data_fingerprint"] = json.loads(base_meta.read_text()).get("data_fingerprint")
     results.atomic_write_text(folder / "config.yaml", dump_config(config))
     runner.write_run_outputs(folder, rows, metrics, meta)

@@ -211,6 +211,8 @@ def test_recalibration_group_end_to_end_and_resume(synthetic_dataset, tmp_path):
     assert len(rows) == len(base) - 2  # the rest of the held-out session
     decoded = {(r.split, r.session, str(r.block_num), str(r.trial_num)) for r in rows.itertuples()}
     assert not decoded & {(k[0], k[1], k[2], k[3]) for k in calibrated}
+    fingerprints = [json.loads((out / name / "meta.json").read_text())["data_fingerprint"] for name in ("base", "k-2_draw-1")]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1]  # compare matches the folders of one group
     summary = pd.read_csv(out / "summary.csv")
     per = summary[summary["metric"] == "per"]
     assert list(per["x"]) == [0, 2] and list(per["n_runs"]) == [1, 2]
