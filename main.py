@@ -53,12 +53,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="skip the pre-flight check (one small batch through decode before the run folder)")
     ev.add_argument("--kaggle-csv", metavar="FILE", help="also write id,text predictions in the Kaggle order")
 
-    cmp = commands.add_parser("compare", help="compare finished runs side by side",
+    cmp = commands.add_parser("compare", help="compare finished runs (or run groups) side by side",
                               description="Compare finished run folders trial by trial: error rates with CIs, "
-                                          "paired bootstrap CIs and Wilcoxon tests for every pair, plots, examples.")
-    cmp.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (default: every run under results/)")
+                                          "paired bootstrap CIs and Wilcoxon tests for every pair of decoders, plots, "
+                                          "error breakdowns, examples. A RUN_DIR may be a run-group folder (from --seeds, "
+                                          "data_scaling or recalibration): it stands for its finished members. Runs "
+                                          "whose configs differ only in their seeds (and output.*, slurm.*) are pooled "
+                                          "as one decoder: the mean and standard deviation across the seeds, CIs and "
+                                          "paired tests on each trial's errors averaged over them.")
+    cmp.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                     help="run folders or run-group folders (default: every run under --results-dir)")
     cmp.add_argument("--out", default="results/comparison",
-                     help="where comparison.md, comparison.csv, paired.csv and the PNGs go (default: %(default)s)")
+                     help="where comparison.md, comparison.csv (per decoder), runs.csv (per run), per_corpus.csv, "
+                          "paired.csv, what_differs.csv (the config keys that differ), edit_operations.csv and the PNGs "
+                          "go: per session, per corpus, training curves, protocol curves, and the analyses' (error by "
+                          "day, sentence length and trial duration; edit operations; phoneme confusions; retrieval "
+                          "ranks; per-session forest plots) (default: %(default)s)")
     cmp.add_argument("--results-dir", default="results", help="where to look for runs when none are given")
     cmp.add_argument("--force", action="store_true", help="compare runs even if their data fingerprints differ")
 

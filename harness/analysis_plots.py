@@ -84,15 +84,23 @@ def error_by_figure(curves: list[tuple[str, pd.DataFrame]], xlabel: str, title: 
 # keep the decoder's colour and the operations still tell apart in print
 OPERATIONS = [("substitutions", None, 1.0), ("deletions", "//", 0.6), ("insertions", "..", 0.3)]
 LEVEL_METRICS = {"word": "WER", "phoneme": "PER"}
+# width of a legend character at font size 8, generous: the figure widens by its longest label, so that
+# labels as long as a run folder's full path leave the panels their room
+LEGEND_INCH_PER_CHARACTER = 0.07
 
 
 def edit_operations_figure(frames: list[tuple[str, pd.DataFrame]]) -> Figure | None:
     """Substitution, deletion and insertion rates (per reference token) stacked into each decoder's
-    error rate, one panel per level (word, phoneme). frames: (decoder label, analyses.edit_operations)."""
+    error rate, one panel per level (word, phoneme). frames: (decoder label, analyses.edit_operations).
+    The bars are numbered 1, 2, ... and the legend names them ("1: label"): labels under the bars
+    would squeeze the panels away when they are long or many."""
     levels = list(dict.fromkeys(level for _, frame in frames for level in frame["level"]))
     if not levels:
         return None
-    fig = Figure(figsize=(2.0 + len(levels) * max(3.0, 1.0 + 0.8 * len(frames)), 4.0), layout="constrained")
+    names = [f"{i + 1}: {label}" for i, (label, _) in enumerate(frames)]
+    panels = len(levels) * max(2.5, 1.0 + 0.5 * len(frames))
+    legend = 1.0 + LEGEND_INCH_PER_CHARACTER * max(len(name) for name in [*names, *(o for o, _, _ in OPERATIONS)])
+    fig = Figure(figsize=(panels + legend, 4.0), layout="constrained")
     axes = fig.subplots(1, len(levels), squeeze=False)[0]
     for ax, level in zip(axes, levels):
         for i, (_label, frame) in enumerate(frames):
@@ -105,14 +113,15 @@ def edit_operations_figure(frames: list[tuple[str, pd.DataFrame]]) -> Figure | N
                 rate = row[column] / row["reference_count"] if row["reference_count"] else 0.0
                 ax.bar(i, rate, bottom=bottom, color=to_rgba(_color(i), shade), edgecolor=_color(i), hatch=hatch)
                 bottom += rate
-        ax.set_xticks(range(len(frames)), [label for label, _ in frames], rotation=30, ha="right", rotation_mode="anchor")
+        ax.set_xticks(range(len(frames)), [str(i + 1) for i in range(len(frames))])
+        ax.set_xlabel("decoder (numbered as in the legend)")
         ax.set_ylabel(f"{LEVEL_METRICS.get(level, 'error rate')} by operation")
         ax.set_title(level)
         ax.grid(axis="y", alpha=0.3)
     operations = [Patch(facecolor=to_rgba("0.4", shade), edgecolor="0.4", hatch=hatch, label=column)
                   for column, hatch, shade in OPERATIONS]
     fig.suptitle("Edit operations per reference token")
-    _legend(fig, [label for label, _ in frames], operations)
+    _legend(fig, names, operations)
     return fig
 
 

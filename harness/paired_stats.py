@@ -23,6 +23,24 @@ def _difference_statistic(a_values, a_counts, b_values, b_counts, axis=-1):
     return ratio_statistic(b_values, b_counts, axis=axis) - ratio_statistic(a_values, a_counts, axis=axis)
 
 
+EXACT_MAX = 13  # scipy.stats.wilcoxon's bound for its exact permutation test where there are ties or zeros
+
+
+def _exact_with_ties(differences: np.ndarray) -> tuple[float, float]:
+    """(statistic, two-sided p) as scipy.stats.wilcoxon gives them for at most EXACT_MAX differences
+    with ties or zeros: the exact distribution of the positive rank sum over all 2^n sign flips. scipy
+    computes it with a Python call per flip (seconds for 13 trials, as on one session of a
+    per-session comparison); this is the same enumeration as one matrix product."""
+    nonzero = differences[differences != 0]
+    ranks = stats.rankdata(np.abs(nonzero))
+    observed = float(ranks[nonzero > 0].sum())
+    flips = (np.arange(2 ** len(nonzero))[:, None] >> np.arange(len(nonzero))) & 1
+    null = flips @ ranks  # the positive rank sum of every sign pattern
+    gamma = abs(1e-14 * observed)  # scipy.stats.permutation_test's tolerance for equal statistics
+    p = 2 * min(np.mean(null <= observed + gamma), np.mean(null >= observed - gamma))
+    return min(observed, float(ranks.sum()) - observed), float(min(p, 1.0))
+
+
 def wilcoxon_signed_rank(a_values, b_values) -> tuple[float | None, float | None]:
     """(statistic, two-sided p) of the Wilcoxon signed-rank test on per-trial differences B - A.
 
@@ -33,6 +51,9 @@ def wilcoxon_signed_rank(a_values, b_values) -> tuple[float | None, float | None
     differences = np.asarray(b_values, dtype=np.float64) - np.asarray(a_values, dtype=np.float64)
     if not np.any(differences):
         return None, None
+    nonzero = np.abs(differences[differences != 0])
+    if len(differences) <= EXACT_MAX and (len(nonzero) < len(differences) or len(np.unique(nonzero)) < len(nonzero)):
+        return _exact_with_ties(differences)
     result = stats.wilcoxon(differences, zero_method="wilcox", alternative="two-sided")
     return float(result.statistic), float(result.pvalue)
 

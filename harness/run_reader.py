@@ -1,7 +1,10 @@
-"""Reading finished run folders for `compare`: metrics, meta, per-trial rows, logged scalars.
+"""Reading finished run folders for `compare`: config, metrics, meta, per-trial rows, logged scalars.
 
 Only the files of the results contract (docs/contracts.md) are read, so runs of any model, written by
-`run` or `evaluate`, load the same way.
+`run` or `evaluate`, load the same way. Each run's per_trial.csv is also there as a typed pandas frame
+(`Run.trials`, harness.analyses.trial_frame), and its config.yaml as a dict flattened to dotted keys
+(`Run.flat_config`). A run group's folder (harness/groups.py: `group.json` beside one run folder per
+member) stands for its member run folders (`expand`), and a run inside one knows its group's plan.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from harness.errors import UserError
@@ -19,6 +24,8 @@ from harness.errors import UserError
 TRIAL_KEY = ("split", "session", "block_num", "trial_num")
 NOT_SPLITS = ("run", "protocol")  # metrics.json's sections that are not a split's metrics
 SPLITS = ("train", "val", "test")  # as harness.data.SPLITS (not imported: it pulls in h5py)
+GROUP_FILE = "group.json"  # harness.groups.GROUP_FILE (not imported: it pulls in torch)
+SEED_KEYS = ("training_params.seed", "data_params.seed")  # what `run --seeds` sets (harness.groups.SEED_KEYS)
 
 
 @dataclass
@@ -30,9 +37,56 @@ class Run:
     decoder: str  # "<model constructor> (<trial name>)"
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # tag -> [(step, value)]
     name: str = ""  # how tables and plots call the run: its folder name unless given
+    config: dict = field(default_factory=dict)  # config.yaml as loaded ({} without one)
+    group: Path | None = None  # the run group folder it belongs to (its parent holds group.json), if any
+    group_plan: dict = field(default_factory=dict)  # that group's group.json
 
     def __post_init__(self):
         self.name = self.name or self.dir.name
+
+    @cached_property
+    def trials(self) -> pd.DataFrame:
+        """per_trial.csv as a typed frame (harness.analyses.trial_frame: numbers as float, NaN for empty)."""
+        from harness.analyses import trial_frame
+
+        return trial_frame(self.rows)
+
+    @cached_property
+    def flat_config(self) -> dict:
+        """config.yaml flattened to dotted keys ("training_params.lr_max"); lists stay values."""
+        return flatten(self.config)
+
+    @property
+    def protocol_section(self) -> dict:
+        section = self.metrics.get("protocol")
+        return section if isinstance(section, dict) else {}
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol: its group's (a data_scaling member is a plain run of a data_scaling
+        group), else the name in metrics.json's `protocol` section, else "fixed"."""
+        if self.group is not None and self.group_plan.get("protocol"):
+            return str(self.group_plan["protocol"])
+        return str(self.protocol_section.get("name") or "fixed")
+
+    @property
+    def k(self):
+        """Recalibration's calibration sentences per held-out session: metrics.json's protocol k; 0 for
+        the training run of a recalibration group; None outside recalibration."""
+        if "k" in self.protocol_section:
+            return self.protocol_section["k"]
+        return 0 if self.protocol == "recalibration" else None
+
+    @property
+    def seed_identity(self) -> tuple:
+        """What tells repeats of one decoder apart: the training and data seeds, and the recalibration draw."""
+        return (*(self.flat_config.get(key) for key in SEED_KEYS), self.protocol_section.get("draw"))
+
+    @property
+    def is_retrieval(self) -> bool:
+        """The model ranks candidate sentences (per_trial.csv has true_rank): its predicted_text is the
+        candidate it ranked first, not decoded text."""
+        return "true_rank" in self.trials
 
     def split_metrics(self) -> dict[str, dict]:
         """metrics.json without its "run" and "protocol" sections: split -> that split's metrics."""
@@ -52,11 +106,68 @@ class Run:
         return keyed
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": [1, 2]}; an empty dict stays a value."""
+    out = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def find_runs(results_dir: Path) -> list[Path]:
-    """Every folder under results_dir that looks like a run (has config.yaml), finished or not."""
+    """Every folder under results_dir that looks like a run (has config.yaml), finished or not; run
+    groups' member folders are among them."""
     if not results_dir.is_dir():
         return []
     return sorted(p.parent for p in results_dir.rglob("config.yaml"))
+
+
+def is_group(folder: Path) -> bool:
+    return (folder / GROUP_FILE).is_file()
+
+
+def group_members(group_dir: Path) -> list[Path]:
+    """A group's run folders, finished or not: its subfolders that hold a config.yaml (the members of
+    group.json and, for recalibration, their k-sentence fine-tunes), by name."""
+    return sorted(p for p in group_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+
+
+def expand(folders: list[Path]) -> list[Path]:
+    """The run folders meant by folders given on the command line: a run group stands for its members."""
+    out = []
+    for folder in folders:
+        if is_group(folder):
+            members = group_members(folder)
+            if not members:
+                raise UserError(f"run group {folder} has no run folder yet (nothing to compare)")
+            out += members
+        else:
+            out.append(folder)
+    return out
+
+
+def read_group_plan(group_dir: Path) -> dict:
+    try:
+        plan = json.loads((group_dir / GROUP_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{group_dir / GROUP_FILE}: not a readable group plan ({error})") from None
+    if not isinstance(plan, dict):
+        raise UserError(f"{group_dir / GROUP_FILE}: expected a JSON object")
+    return plan
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({error})") from None
+    return config if isinstance(config, dict) else {}
 
 
 def _read_json(path: Path) -> dict:
@@ -124,11 +235,10 @@ def _check_splits(run_dir: Path, metrics: dict, rows: list[dict]) -> None:
                             f"records {recorded} (the file is cut short or not from the same run)")
 
 
-def _decoder_name(run_dir: Path, metrics: dict) -> str:
+def _decoder_name(metrics: dict, config: dict) -> str:
     info = metrics.get("run") or {}
     model, trial = info.get("model"), info.get("trial_name")
-    if model is None and (run_dir / "config.yaml").is_file():  # older runs: the resolved config says it
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if model is None:  # older runs: the resolved config says it
         model, trial = config.get("model_constructor_name"), config.get("trial_name")
     return f"{model} ({trial})" if trial and trial != model else str(model)
 
@@ -155,15 +265,31 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def _check_unique_trials(run: Run) -> None:
+    """One row per trial: a trial twice would count twice in every pooled and paired figure."""
+    twice = run.trials.duplicated(list(TRIAL_KEY), keep="first")
+    if twice.any():
+        row = run.rows[int(twice.to_numpy().nonzero()[0][0])]
+        key = " ".join(str(row.get(k, "")).strip() for k in TRIAL_KEY)
+        raise UserError(f"{run.dir / 'per_trial.csv'}: trial {key} appears twice; a run folder holds one row per trial")
+
+
 def load_run(run_dir: Path, with_scalars: bool = True) -> Run:
     metrics = _read_json(run_dir / "metrics.json")
     rows = _read_rows(run_dir / "per_trial.csv")
     _check_splits(run_dir, metrics, rows)
-    return Run(
+    config = _read_config(run_dir / "config.yaml")
+    group = run_dir.parent if is_group(run_dir.parent) else None
+    run = Run(
         dir=run_dir,
         metrics=metrics,
         meta=_read_json(run_dir / "meta.json"),
         rows=rows,
-        decoder=_decoder_name(run_dir, metrics),
+        decoder=_decoder_name(metrics, config),
         scalars=read_scalars(run_dir / "tensorboard") if with_scalars else {},
+        config=config,
+        group=group,
+        group_plan=read_group_plan(group) if group is not None else {},
     )
+    _check_unique_trials(run)
+    return run

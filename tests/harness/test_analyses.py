@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from datetime import date
 
 import numpy as np
@@ -400,8 +401,25 @@ def test_edit_operations_figure():
     assert heights == pytest.approx([2 / 9, 1 / 9, 1 / 9])
     tops = [p.get_y() + p.get_height() for p in word_ax.patches]
     assert tops[2] == pytest.approx(4 / 9) and tops[5] == pytest.approx(2 / 3)  # stacks reach the WER
+    assert [t.get_text() for t in word_ax.get_xticklabels()] == ["1", "2"]  # numbered bars, named in the legend
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["1: A", "2: B"]
     assert png(fig).startswith(b"\x89PNG")
     assert edit_operations_figure([("A", edit_operations(trial_frame([])))]) is None
+
+
+def test_edit_operations_figure_with_long_labels_keeps_its_panels():
+    """Four decoders named by full paths: constrained layout still applies (no warning) and each panel
+    keeps a real width."""
+    operations = edit_operations(trial_frame(via_csv(edit_rows())))
+    folder = "/tmp/pytest-of-someone/pytest-123/test_runs_with_the_same_folder0/results/group"
+    fig = edit_operations_figure([(f"{folder}/run_{i}", operations) for i in range(4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied" is a UserWarning
+        png(fig)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    widths = [ax.get_window_extent(canvas.get_renderer()).width / fig.dpi for ax in fig.axes]
+    assert len(widths) == 2 and min(widths) > 2.0  # inches
 
 
 def test_confusion_figure():

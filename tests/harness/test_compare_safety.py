@@ -12,7 +12,7 @@ import re
 import pytest
 
 from harness import results
-from harness.compare import write_plots
+from harness.compare_figures import write_plots
 from harness.metrics import split_metrics
 from harness.run_reader import Run
 from tests.harness.test_compare import make_run, run_compare, trial_row
@@ -63,13 +63,14 @@ def _header_only(text):
 
 @pytest.mark.parametrize("damage, expected", [
     (_cut_mid_row, "cut short: its last line ends without a newline"),
-    (_short_last_line, "line 10 has 5 fields where the header has 16"),
+    (_short_last_line, "line 10 has 5 fields where the header has {fields}"),
     (lambda text: "", "is empty"),
     (_header_only, "0 val trials, but metrics.json records 6"),
     (_drop_last_rows, "1 test trials, but metrics.json records 3"),
 ], ids=["cut-mid-row", "short-last-line", "empty", "header-only", "rows-missing"])
 def test_a_per_trial_csv_cut_short_is_refused(run, tmp_path, capsys, damage, expected):
     csv_path = run / "per_trial.csv"
+    expected = expected.format(fields=len(csv_path.read_text().splitlines()[0].split(",")))  # the header's own count
     csv_path.write_text(damage(csv_path.read_text()))
     assert run_compare(run, "--out", tmp_path / "cmp") == 2
     err = one_error_line(capsys)

@@ -171,8 +171,11 @@ def test_compare_two_runs_and_list_unfinished(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"unfinished (no DONE), left out: {unfinished}" in result.stdout
     table = read_csv(tmp_path / "cmp" / "comparison.csv")
-    assert {(r["run"], r["split"]) for r in table} == {("run", "val"), ("second", "val")}  # test: unlabeled, no scores
-    assert "| run | decoder | split |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    # test: unlabeled, no scores; two runs of one trial name are told apart by what differs in their configs
+    assert {(r["run"], r["runs"], r["split"]) for r in table} == {("run (num_steps=20)", "run", "val"),
+                                                                  ("second (num_steps=3)", "second", "val")}
+    report = " ".join((tmp_path / "cmp" / "comparison.md").read_text().split())
+    assert "| decoder | model (trial) | split |" in report and "| second (num_steps=3) |" in report
 
 
 def test_every_command_has_help():
