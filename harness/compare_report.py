@@ -247,7 +247,10 @@ def render_report(decoders, table, pairs, images, splits, unfinished, groups, co
         read = ", ".join(f"{n} {split}" for split, n in n_trials.items())
         parts.append(f"{count} on the same data ({len(sessions)} sessions; trials read: {read}).\n")
     if decoders and decoders[0].protocol != "fixed":
-        parts.append(f"Evaluation protocol: {decoders[0].protocol}.\n")
+        held_out = decoders[0].protocol in ("cross_session", "recalibration")
+        parts.append(f"Evaluation protocol: {decoders[0].protocol}." + (
+            " Every split below is the held-out sessions' trials of that split's files (sessions the decoders "
+            "were not trained on)." if held_out else "") + "\n")
     if unfinished:
         parts.append("Unfinished runs (no `DONE`), left out:\n\n" + "".join(f"- `{d}`\n" for d in unfinished))
     several = any(d.n_seeds > 1 for d in decoders)
