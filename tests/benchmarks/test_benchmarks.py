@@ -56,3 +56,16 @@ def test_cli_with_a_memory_subprocess(bench, synthetic_dataset, tmp_path, capsys
     assert out.is_file() and "reference: peak_rss_mb" in printed
     shares = json.loads(out.read_text())["results"]["toy"]["valid_shares"]
     assert 0 < shares["gru_frames"] < 1 and 0 < shares["input_bins"] < 1  # the test data's lengths vary
+
+
+def test_recalibration_step_benchmark_runs_at_a_toy_size(monkeypatch, capsys):
+    """benchmarks/recalibration_step.py end to end on the tiny model and short trials: both variants
+    step, and the table and the ratio print."""
+    spec = importlib.util.spec_from_file_location("recalibration_step", SCRIPT.parent / "recalibration_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["recalibration_step.py", "--size", "tiny", "--steps", "1", "--warmup", "0",
+                                      "--bins", "40", "--batch-size", "2"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "day_layer           262,656" in out and "day_layer / all:" in out
