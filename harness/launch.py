@@ -43,8 +43,11 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
             raise UserError("--sweep and a run group (--seeds, or evaluation.protocol data_scaling/recalibration) do "
                             "not combine: sweep the seed too (--sweep training_params.seed=1,2,3); compare groups "
                             "runs that differ only in their seed")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and launcher == "slurm":
-            raise UserError("--launcher slurm submits jobs: start it with plain python, not under torchrun")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # every rank would make the group folder: a group's members are started by one process
+            raise UserError("a run group (--seeds, or evaluation.protocol data_scaling/recalibration) is started with "
+                            "plain python, not under torchrun: with slurm each member is a multi-GPU job "
+                            "(slurm.gpus_per_node); here, start each member as its own torchrun run")
         load_plugins()
         if launcher == "local":
             groups.run_group(config_path, overrides, out, resume, overwrite, group_seeds, check)

@@ -266,3 +266,10 @@ def test_a_group_checks_every_member_before_its_folder_exists(synthetic_dataset,
                "training_params.lr_max=0.1,0.2", "--out", str(out)) == 2
     assert "sweep the seed too" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_group_is_refused_under_torchrun(synthetic_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "never"
+    assert cli("--set", f"data_params.data_dir={synthetic_dataset}", "--seeds", "1,2", "--out", str(out)) == 2
+    assert "not under torchrun" in capsys.readouterr().err and not out.exists()
