@@ -105,7 +105,9 @@ def check_values(obj) -> list[tuple[str, str]]:
 class DataParams:
     data_dir: str = "data/synthetic"  # the folder holding the session folders (hdf5_data_final/)
     sessions: list[str] | None = None  # None: every session folder found; the order fixes day indices
-    n_features: int = 512  # width of input_features; a file that differs is an error
+    # width of input_features; None: the width the data has (every session must have the same), which
+    # config.yaml records; a number: a file of another width is an error
+    n_features: int | None = None
     preprocessors: list[ComponentSpec] = components(DATA_PREPROCESSORS)  # applied in order, every batch
     batch_size: int = 64
     days_per_batch: int = 4  # sessions per training batch; trials drawn per session with replacement

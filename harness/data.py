@@ -52,10 +52,29 @@ class Trial:
     # from the description CSV (harness.description) by session date and block; None when unknown
     corpus: str | None = None
     days_since_implant: int | None = None
+    width: int | None = None  # features per time step (input_features' second dimension)
 
     @property
     def key(self) -> tuple[str, str, int, int]:
         return (self.split, self.session, self.block_num, self.trial_num)
+
+
+def data_width(trials_by_split: dict[str, list[Trial]], given: int | None = None) -> int:
+    """The one feature width of the trials read (`given` when none was read); sessions of different
+    widths are a user error."""
+    first: dict[int, Trial] = {}
+    for ts in trials_by_split.values():
+        for t in ts:
+            first.setdefault(t.width, t)
+    if len(first) > 1:
+        (wa, a), (wb, b) = list(first.items())[:2]
+        raise UserError(f"the sessions have different feature widths: {a.path} is {wa} wide, {b.path} is {wb}: "
+                        "one run reads data of one width (list the sessions of one width in data_params.sessions)")
+    if not first:
+        if given is not None:
+            return given
+        raise UserError("no trial was read: nothing to learn the feature width from")
+    return next(iter(first))
 
 
 def find_sessions(data_dir: Path | str) -> list[str]:
@@ -299,10 +318,10 @@ def _int_attr(attrs, name: str, where: str, default: int | None = None) -> int |
 def _trial(record: dict, path: Path, split: str, session: str, day: int, n_features: int) -> Trial:
     where = f"{path} {record['group']}"
     shape = tuple(record["shape"])
-    if len(shape) != 2 or shape[1] != n_features:
+    if len(shape) != 2 or (n_features is not None and shape[1] != n_features):
         raise UserError(
-            f"{where}: input_features has shape {shape}, expected (T, {n_features}) "
-            f"(set data_params.n_features if your data is {shape[-1]} wide)"
+            f"{where}: input_features has shape {shape}, expected (T, {n_features or 'features'}) "
+            f"(set data_params.n_features if your data is {shape[-1]} wide, or leave it unset: the data's width)"
         )
     stored_session = record["session"]
     if stored_session is not None and stored_session != session:
@@ -319,6 +338,7 @@ def _trial(record: dict, path: Path, split: str, session: str, day: int, n_featu
         n_time_steps=record["n_time_steps"],
         phoneme_ids=tuple(ids) if ids is not None else None,
         sentence=record["sentence"],
+        width=shape[1],
     )
 
 

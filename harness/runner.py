@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from config import ExperimentConfig, OutputParams, dump_config, load_config
 from harness import distributed, protocols, results
 from harness.batching import check_batching
-from harness.data import SPLITS, FeatureStore, find_sessions, fingerprint, open_feature_stores, read_trials
+from harness.data import SPLITS, FeatureStore, data_width, find_sessions, fingerprint, open_feature_stores, read_trials
 from harness.devices import pick_device
 from harness.errors import UserError, brief
 from harness.evaluation import evaluate_split
@@ -136,7 +136,9 @@ def prepare_data(config: ExperimentConfig, splits) -> tuple[dict, list]:
     them: everything a model is built from."""
     dp = config.data_params
     dp.sessions = dp.sessions or find_sessions(dp.data_dir)
-    trials = protocols.select_trials(read_splits(config, splits), config)
+    read = read_splits(config, splits)
+    dp.n_features = data_width(read, dp.n_features)  # the width found (a given one was checked file by file)
+    trials = protocols.select_trials(read, config)
     preprocessors = build_preprocessors(config)
     width = output_width(preprocessors, dp.n_features)
     fill_data_fields(config, len(dp.sessions), width)

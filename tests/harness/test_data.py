@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import main
+from config import load_config
 from harness.batching import TrainBatchSampler, TrialDataset, collate, eval_batches
 from harness.data import FeatureStore, find_sessions, read_trials
 from tests.conftest import TINY_CONFIG, make_trials, write_split
@@ -166,8 +167,27 @@ def test_trial_without_input_features(small_dataset, tmp_path, capsys):
 def test_feature_width_mismatch(tmp_path, capsys):
     rng = np.random.default_rng(0)
     write_split(tmp_path / "d" / "s1" / "data_train.hdf5", make_trials("s1", 2, rng, n_features=256))
-    code, err = run_cli(capsys, tmp_path / "d", tmp_path / "run")
+    code, err = run_cli(capsys, tmp_path / "d", tmp_path / "run", "--set", "data_params.n_features=512")
     assert_one_line_error(code, err, tmp_path / "run", "(T, 512)", "256", "trial_0000")
+
+
+def test_sessions_of_different_widths_are_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    write_split(tmp_path / "d" / "s1" / "data_train.hdf5", make_trials("s1", 2, rng, n_features=256))
+    write_split(tmp_path / "d" / "s2" / "data_train.hdf5", make_trials("s2", 2, rng, n_features=128))
+    code, err = run_cli(capsys, tmp_path / "d", tmp_path / "run")
+    assert_one_line_error(code, err, tmp_path / "run", "different feature widths", "256 wide", "is 128")
+
+
+def test_the_feature_width_defaults_to_the_datas_and_config_yaml_records_it(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for session in ("t15.2023.08.11", "t15.2023.08.13"):
+        write_split(tmp_path / "d" / session / "data_train.hdf5", make_trials(session, 8, rng, n_features=24))
+        write_split(tmp_path / "d" / session / "data_val.hdf5", make_trials(session, 2, rng, n_features=24, block=2))
+    code, err = run_cli(capsys, tmp_path / "d", tmp_path / "run", "--set", "evaluation.splits=[val]")
+    assert code == 0, err
+    config = load_config(tmp_path / "run" / "config.yaml")
+    assert config.data_params.n_features == 24 and config.model_params.n_features == 24
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
