@@ -4,7 +4,8 @@ A decoder is the runs whose config.yaml files (flattened to dotted keys) differ 
 (`training_params.seed`, `data_params.seed`) and in `output.*` and `slurm.*` (where results go, how
 the cluster ran it), and that share metrics.json's recalibration k: the seeds (and recalibration
 draws) of one config. Runs of one config with the same seeds (a run and an `evaluate` of its
-checkpoint, runs without a config) are not seeds of one decoder: each stays a decoder of its own.
+checkpoint, runs without a config) are not seeds of one decoder: each stays a decoder of its own;
+nor are runs of two run groups (two groups of one config, e.g. to see two seed sets, stay two).
 Decoders are labelled by their names plus the config values that tell apart those of one model and
 trial name.
 
@@ -153,9 +154,12 @@ class Decoder:
 
     @property
     def name(self) -> str:
-        """A one-run decoder's folder name; else the trial name its runs share."""
+        """A one-run decoder's folder name; a group's runs: the group folder's name; else the trial
+        name its runs share."""
         if len(self.runs) == 1:
             return self.first.name
+        if self.first.group is not None and all(run.group == self.first.group for run in self.runs):
+            return self.first.group.name
         info = self.first.metrics.get("run") or {}
         return str(self.first.config.get("trial_name") or info.get("trial_name") or self.first.decoder)
 
@@ -289,7 +293,9 @@ def make_decoders(runs: list[Run], n_resamples: int = 1000, seed: int = 0) -> li
     by_key: dict[tuple, list[Run]] = {}
     for run in runs:
         described = described_config(run)
-        key = (run.decoder, tuple(sorted((k, _show(v)) for k, v in described.items())))
+        # runs of two groups stay two decoders (two groups of one config are what a user compares)
+        group = str(run.group.resolve()) if run.group is not None else None
+        key = (run.decoder, group, tuple(sorted((k, _show(v)) for k, v in described.items())))
         by_key.setdefault(key, []).append(run)
     groups = []
     for members in by_key.values():

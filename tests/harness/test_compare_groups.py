@@ -182,7 +182,7 @@ def test_a_group_folder_stands_for_its_finished_members(tmp_path, capsys):
         out = tmp_path / "cmp"
         compare(args, str(out), results_dir=str(tmp_path / "results"), n_resamples=RESAMPLES)
         (row,) = read_csv(out / "comparison.csv")
-        assert (row["run"], row["n_seeds"], row["runs"]) == ("tiny", "2", "seed-1;seed-2")
+        assert (row["run"], row["n_seeds"], row["runs"]) == ("g", "2", "seed-1;seed-2")  # named by its group
         assert f"unfinished (no DONE), left out: {gdir / 'seed-3'}" in capsys.readouterr().out
 
 
@@ -283,14 +283,14 @@ def test_end_to_end_on_two_groups(tmp_path, capsys):
     for name in expected:
         assert (out / name).is_file() and str(out / name) in wrote, name
     confusions = sorted(p.name for p in out.glob("confusion_val_*.png"))
-    assert confusions == ["confusion_val_1_tiny__lr_max_0.01_.png", "confusion_val_2_tiny__lr_max_0.003_.png"]
+    assert confusions == ["confusion_val_1_ga__lr_max_0.01_.png", "confusion_val_2_gb__lr_max_0.003_.png"]
     assert not (out / "forest_val_7_9.png").exists()  # stale
     text = report(out)
     assert "days since the first session" in text
     for name in [*expected[7:], *confusions]:
         assert f"]({name})" in text, name
-    assert "| tiny (lr_max=0.003) | word |" not in text  # no word-level edits: phonemes only
-    assert "| tiny (lr_max=0.003) | phoneme |" in text
+    assert "| gb (lr_max=0.003) | word |" not in text  # no word-level edits: phonemes only
+    assert "| gb (lr_max=0.003) | phoneme |" in text
     assert {r["level"] for r in read_csv(out / "edit_operations.csv")} == {"phoneme"}
 
 
@@ -313,3 +313,20 @@ def test_wilcoxon_with_ties_on_few_trials_is_scipys_exact_test_quickly():
             warnings.simplefilter("ignore")  # scipy: "sample size too small for normal approximation"
             expected = stats.wilcoxon(b - a, zero_method="wilcox")
         assert wilcoxon_signed_rank(a, b) == pytest.approx((expected.statistic, expected.pvalue), abs=1e-12)
+
+
+def test_two_groups_of_one_config_stay_two_decoders_named_by_their_folders(tmp_path):
+    """Two seed groups of the same config (seeds 1,2 and 1,2,3): a user compares the groups, so
+    each is one decoder, named by its folder, never five runs paired against each other."""
+    first, second = tmp_path / "cs_seeds", tmp_path / "cs_more"
+    rng = np.random.default_rng(3)
+    for folder, seeds in ((first, (1, 2)), (second, (1, 2, 3))):
+        for seed in seeds:
+            member(folder / f"seed-{seed}", seed_edits(rng, 0), seed=seed)
+    group(first, "fixed", ["seed-1", "seed-2"], seeds=(1, 2))
+    group(second, "fixed", ["seed-1", "seed-2", "seed-3"], seeds=(1, 2, 3))
+    out = tmp_path / "cmp"
+    compare([str(first), str(second)], str(out), n_resamples=RESAMPLES)
+    rows = read_csv(out / "comparison.csv")
+    assert [(r["run"], r["n_seeds"]) for r in rows] == [("cs_seeds", "2"), ("cs_more", "3")]
+    assert len(read_csv(out / "paired.csv")) == len({r["metric"] for r in read_csv(out / "paired.csv")})  # one pair
