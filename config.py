@@ -298,8 +298,8 @@ class EvaluationParams:
             yield "splits", "is empty: name at least one of train, val, test"
         if self.protocol in ("cross_session", "recalibration") and (
                 self.held_out.last_sessions is None and self.held_out.from_date is None):
-            yield "held_out", (f"names no cut for protocol {self.protocol}: set evaluation.held_out.last_sessions "
-                               "(the last K sessions) or evaluation.held_out.from_date (YYYY.MM.DD)")
+            yield "protocol", (f"{self.protocol} needs a cut: set evaluation.held_out.last_sessions (the last K "
+                               "sessions) or evaluation.held_out.from_date (YYYY.MM.DD)")
 
 
 @dataclass
@@ -412,7 +412,9 @@ def from_data(cls, data: Any, where: _Where, path: str = ""):
     if origin is Literal:
         if data not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise where.error(path, f"{data!r} is not one of {choices}")
+            close = difflib.get_close_matches(str(data), [str(a) for a in args], n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise where.error(path, f"{data!r} is not one of {choices}{hint}")
         return data
     if origin is list:
         if not isinstance(data, list):

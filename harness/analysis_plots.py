@@ -13,6 +13,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import PercentFormatter
 
 from harness.analyses import GAP, TOO_FEW_TRIALS, few_trials
 from harness.plots import LABELS, _color
@@ -69,6 +70,7 @@ def error_by_figure(curves: list[tuple[str, pd.DataFrame]], xlabel: str, title: 
                             markerfacecolor="none" if hollow else _color(i))
         ax.set_ylabel(LABELS.get(metric, metric))
         ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # error rates in percent, as every other figure
         ax.grid(axis="y", alpha=0.3)
     if not numeric:
         axes[-1].set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30, ha="right", rotation_mode="anchor")

@@ -275,7 +275,8 @@ def analyses_section(decoders: list[Decoder], split: str, out_dir: Path, n_resam
     for i, j in pairs:
         a, b = decoders[i], decoders[j]
         trials_a, trials_b = a.averaged_split(split), b.averaged_split(split)
-        metric = next((m for m in ("wer", "per", "cer") if trials_a[COLUMNS[m][0]].notna().any()
+        # PER first: per phoneme, finer than WER, which saturates near 100% for weak decoders
+        metric = next((m for m in ("per", "wer", "cer") if trials_a[COLUMNS[m][0]].notna().any()
                        and trials_b[COLUMNS[m][0]].notna().any()), None)
         if metric is None:
             continue

@@ -160,11 +160,11 @@ def run_group(config_path: str | None, overrides: list[str], out: str | None, re
         if not resume:
             write_plan(path, config, seeds, members)
             config_path, overrides = str(path / GROUP_CONFIG), []
-        print(f"run group: {path} ({len(members)} training runs)", flush=True)
+        print(f"run group: {path} ({len(members)} training run{'s' if len(members) > 1 else ''})", flush=True)
         for member in members:
             child = path / member.name
-            if not results.is_finished(child):
-                run(config_path, [*overrides, *member.overrides], str(child), True, False, check)
+            if not results.is_finished(child):  # started before (killed, or --resume): go on from its checkpoint
+                run(config_path, [*overrides, *member.overrides], str(child), results.is_run_folder(child), False, check)
             finish_member(member, child, path, config)
         write_summary(path)
     return path

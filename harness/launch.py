@@ -41,8 +41,8 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
     if is_group_launch(config_path, overrides, out, resume, group_seeds):
         if sweeps:
             raise UserError("--sweep and a run group (--seeds, or evaluation.protocol data_scaling/recalibration) do "
-                            "not combine: sweep the seed too (--sweep training_params.seed=1,2,3); compare groups "
-                            "runs that differ only in their seed")
+                            "not combine: give one. To sweep a value over seeds, sweep the seed as well (--sweep "
+                            "training_params.seed=1,2,3); compare pools the runs that differ only in their seeds")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # every rank would make the group folder: a group's members are started by one process
             raise UserError("a run group (--seeds, or evaluation.protocol data_scaling/recalibration) is started with "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from harness import results
 from harness.metrics import METRICS
@@ -254,7 +254,7 @@ def curve_figure(curves: list[tuple], xlabel: str, ylabel: str, title: str, log_
     bounds; sd is accepted and not drawn (the band is the CI). log_x: a log x axis (symlog, linear
     up to the smallest positive x, when some x is 0 or below). None when no decoder has a point.
     """
-    fig, ax, drawn, xs_all = None, None, [], []
+    fig, ax, drawn, xs_all, tops = None, None, [], [], []
     for i, (label, frame) in enumerate(curves):
         missing = [c for c in ("x", "value") if c not in frame]
         if missing:
@@ -275,8 +275,11 @@ def curve_figure(curves: list[tuple], xlabel: str, ylabel: str, title: str, log_
             ax.fill_between(x[band], low[band], high[band], color=_color(i), alpha=0.2, linewidth=0)
         drawn.append(label)
         xs_all.append(x)
+        tops.append(np.nanmax(np.concatenate([value, high[band]])))
     if fig is None:
         return None
+    if all(float(v).is_integer() for v in np.concatenate(xs_all)):  # k sentences, days: no 2.5 ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if log_x:
         xs = np.concatenate(xs_all)
         if (xs > 0).all():
@@ -285,7 +288,8 @@ def curve_figure(curves: list[tuple], xlabel: str, ylabel: str, title: str, log_
             positive = xs[xs > 0]
             ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.set_ylim(bottom=0)
+    top = max(tops)
+    ax.set_ylim(0, top * 1.1 if top > 0 else 1.0)  # headroom: a line at 100% stays off the frame
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -134,31 +134,48 @@ def recalibrate(base_dir: Path, group_dir: Path, prefix: str) -> list[Path]:
     whole_splits = {key.removeprefix(protocols.HELD_OUT): trials[key] for key in protocols.held_out_splits(trials)}
     written = []
     for k, draw in todo:
-        rows, calibration = [], {}
-        for session, pool in pools.items():
-            cal, rest = calibration_draw(len(pool), k, draw, params.seed)
-            model.load_state_dict(trained)
-            runner.seed_everything(params.seed + draw)
-            loss = fine_tune(model, [pool[i] for i in cal], stores[session].subset(cal), preprocessors, config,
-                             sessions.index(session), device, params.seed + draw)
-            log.info("recalibration k=%d draw %d, %s: %d steps on %d trials, last loss %.4f", k, draw, session,
-                     params.steps, len(cal), loss)
-            calibration[session] = [list(pool[i].key) for i in cal]
-            for split in whole_splits:
-                indices = [i for i in rest if pool[i].split == split]
-                if indices:
-                    split_rows, _, _ = evaluate_split(
-                        model, split, [pool[i] for i in indices], stores[session].subset(indices), preprocessors,
-                        device=device, eval_batch_size=config.data_params.eval_batch_size, bootstrap_resamples=0,
-                        pad_to_multiple=config.data_params.pad_to_multiple, show_progress=False,
-                        split_trials=whole_splits[split])
-                    rows += split_rows
         folder = group_dir / child_name(prefix, k, draw)
-        with results.prepare_out_dir(folder, False, folder.exists(), {"the training run": base_dir}) as path:
+        with (results.prepare_out_dir(folder, False, folder.exists(), {"the training run": base_dir}) as path,
+              runner.run_logging(path)):
+            log.info("recalibration k=%d, draw %d: %s of %d held-out sessions from %s", k, draw, params.fine_tune,
+                     len(pools), checkpoint)
+            rows, calibration = fine_tune_and_decode(model, trained, config, pools, stores, whole_splits,
+                                                     preprocessors, device, k, draw)
             write_child(path, model, config, rows, section, calibration, k, draw, checkpoint, device)
+            log.info("finished: %s", path)
         written.append(folder)
     model.load_state_dict(trained)
     return written
+
+
+def fine_tune_and_decode(model, trained: dict, config: ExperimentConfig, pools: dict, stores: dict, whole_splits: dict,
+                         preprocessors, device, k: int, draw: int) -> tuple[list[dict], dict]:
+    """One (k, draw): each held-out session fine-tuned from the trained weights on its k drawn
+    trials, then its other trials decoded. Returns the rows and the calibration trials' keys."""
+    from harness import runner
+
+    params = config.evaluation.recalibration
+    sessions = list(config.data_params.sessions)
+    rows, calibration = [], {}
+    for session, pool in pools.items():
+        cal, rest = calibration_draw(len(pool), k, draw, params.seed)
+        model.load_state_dict(trained)
+        runner.seed_everything(params.seed + draw)
+        loss = fine_tune(model, [pool[i] for i in cal], stores[session].subset(cal), preprocessors, config,
+                         sessions.index(session), device, params.seed + draw)
+        log.info("recalibration k=%d draw %d, %s: %d steps on %d trials, last loss %.4f", k, draw, session,
+                 params.steps, len(cal), loss)
+        calibration[session] = [list(pool[i].key) for i in cal]
+        for split in whole_splits:
+            indices = [i for i in rest if pool[i].split == split]
+            if indices:
+                split_rows, _, _ = evaluate_split(
+                    model, split, [pool[i] for i in indices], stores[session].subset(indices), preprocessors,
+                    device=device, eval_batch_size=config.data_params.eval_batch_size, bootstrap_resamples=0,
+                    pad_to_multiple=config.data_params.pad_to_multiple, show_progress=False,
+                    split_trials=whole_splits[split])
+                rows += split_rows
+    return rows, calibration
 
 
 def write_child(folder: Path, model, config: ExperimentConfig, rows: list[dict], section: dict, calibration: dict,
@@ -177,8 +194,10 @@ def write_child(folder: Path, model, config: ExperimentConfig, rows: list[dict],
     metrics["protocol"] = {**protocols.held_out_section(section, rows, config), "name": "recalibration", "k": k,
                            "draw": draw, "fine_tune": params.fine_tune, "steps": params.steps, "lr": params.lr,
                            "calibration_trials": calibration}
+    trained_on = checkpoint.parent.parent / "metrics.json"  # the training run's
+    n_train = (json.loads(trained_on.read_text()).get("run") or {}).get("n_train_trials") if trained_on.is_file() else None
     metrics["run"] = {"trial_name": config.trial_name, "model": config.model_constructor_name,
-                      "checkpoint": str(checkpoint), "recalibration": {"k": k, "draw": draw}}
+                      "checkpoint": str(checkpoint), "recalibration": {"k": k, "draw": draw}, "n_train_trials": n_train}
     meta = results.base_meta(str(device))
     meta["checkpoint"] = str(checkpoint)
     # the data the protocol read is the training run's (a fine-tune reads a share of the same files),

@@ -211,6 +211,8 @@ def test_recalibration_group_end_to_end_and_resume(synthetic_dataset, tmp_path):
     assert len(rows) == len(base) - 2  # the rest of the held-out session
     decoded = {(r.split, r.session, str(r.block_num), str(r.trial_num)) for r in rows.itertuples()}
     assert not decoded & {(k[0], k[1], k[2], k[3]) for k in calibrated}
+    assert "recalibration k=2, draw 1" in (out / "k-2_draw-1" / "run.log").read_text()
+    assert first["run"]["n_train_trials"] == json.loads((out / "base" / "metrics.json").read_text())["run"]["n_train_trials"]
     fingerprints = [json.loads((out / name / "meta.json").read_text())["data_fingerprint"] for name in ("base", "k-2_draw-1")]
     assert fingerprints[0] and fingerprints[0] == fingerprints[1]  # compare matches the folders of one group
     summary = pd.read_csv(out / "summary.csv")
@@ -239,10 +241,10 @@ def test_seeds_of_data_scaling_make_one_group(synthetic_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["evaluation.protocol=cross_session"], "names no cut"),
+    (["evaluation.protocol=cross_session"], "--set evaluation.protocol: cross_session needs a cut"),
     (["evaluation.protocol=cross_session", "evaluation.held_out.last_sessions=4"], "leaves no training session"),
     (["evaluation.protocol=cross_session", "evaluation.held_out.last_sessions=1",
-      "evaluation.held_out.day_layer=nearest"], "is not one of 'nearest_previous'"),
+      "evaluation.held_out.day_layer=nearest"], "(did you mean 'nearest_previous'?)"),
     (["evaluation.protocol=recalibration", "evaluation.held_out.last_sessions=1", "evaluation.recalibration.k=[0,500]"],
      "k has 500"),
 ])
@@ -264,7 +266,7 @@ def test_a_group_checks_every_member_before_its_folder_exists(synthetic_dataset,
     assert cli("--set", f"data_params.data_dir={synthetic_dataset}", "--seeds", "1,x", "--out", str(out)) == 2
     assert cli("--set", f"data_params.data_dir={synthetic_dataset}", "--seeds", "1,2", "--sweep",
                "training_params.lr_max=0.1,0.2", "--out", str(out)) == 2
-    assert "sweep the seed too" in capsys.readouterr().err
+    assert "sweep the seed as well" in capsys.readouterr().err
     assert not out.exists()
 
 
