@@ -16,8 +16,11 @@ in well under a second and does not map libtorch.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 
@@ -39,8 +42,20 @@ START_METHOD = "spawn"
 _search: LexiconBeamSearch | None = None  # the worker's own search (one per worker process)
 
 
+def _die_with_parent() -> None:
+    """End this worker when the process that started it dies, even by kill -9, instead of staying on,
+    orphaned, with its LM in memory: Linux's PR_SET_PDEATHSIG (no portable library offers it; elsewhere
+    the pool's own shutdown is all there is)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call: nothing will signal us
+        os._exit(1)
+
+
 def _start_worker(lexicon: Lexicon, lm_path: str, params: BeamSearchParams) -> None:
     global _search
+    _die_with_parent()
     # KenLM writes its loading progress to the C-level stderr; the main process has printed it once
     # already (its own search, same file), so the workers' copies go to /dev/null. Errors still come
     # back as exceptions (the pool reports a worker that failed to start).

@@ -123,3 +123,41 @@ def test_the_lm_build_logs_its_duration(tmp_path, caplog):
     # harness.progress.phase logs the bar's count, and tqdm counts nothing while its bar is hidden
     # (no terminal, as here), hence \d+ rather than the 6 sentences
     assert re.search(rf"2-gram LM \({ngram.builder_name()}\): \d+ sentences? in \d+\.\d s", caplog.text)
+
+
+def test_workers_end_when_their_process_is_killed(tmp_path):
+    """kill -9 of the process that owns the pool (no cleanup runs) still ends its workers: each
+    asked the kernel for a signal when its parent dies (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO_ROOT)!r}); sys.path.insert(0, {str(REPO_ROOT / 'tests' / 'word_decoding')!r})
+from test_parallel_decoding import decoder, noisy_trials
+d = decoder({str(tmp_path)!r}, num_workers=2)
+d.decode(*noisy_trials(4, seed=2))
+print(" ".join(map(str, d.pool.executor._processes)), flush=True)
+time.sleep(120)
+"""
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    workers = []
+    try:
+        workers = [int(pid) for pid in owner.stdout.readline().split()]
+        assert len(workers) == 2 and all(map(alive, workers))
+        owner.kill()
+        owner.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(alive, workers))
+    finally:
+        owner.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
