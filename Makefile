@@ -27,7 +27,7 @@ SYNTH_DIR := data/synthetic
 SYNTH_REPORT := $(SYNTH_DIR)/synth_report.json
 COMPARE_OUT := results/comparison
 GPU_CHECK_OUT := results/gpu_check
-PROTOCOLS_OUT := results/protocols
+PROTOCOLS_OUT ?= results/protocols
 PROTOCOL_CONFIG ?= configs/ctc_baseline/tiny.yml
 
 DATA_DEST ?= data/b2txt25
@@ -51,7 +51,8 @@ b2t-bench make targets
   llm-decoder   train + evaluate the LLM-decoded variant    (configs/llm_decoder/llm_decoder.yml)
   compare       compare finished runs into $(COMPARE_OUT)
   protocols     the three protocols below on the embedded data with $(PROTOCOL_CONFIG), each a run group
-                in $(PROTOCOLS_OUT)/<protocol> with summary.md and summary.png (README "Protocols")
+                in $(PROTOCOLS_OUT)/<protocol> with summary.md and summary.png (README "Protocols");
+                each call replaces the folder it writes (--overwrite)
   protocol-cross-session   train on the first 5 sessions, decode the last 3; seeds 1,2,3
   protocol-recalibration   the same cut, then each held-out session's day layer fine-tuned on k = 0, 5, 10,
                            20 of its sentences (2 draws, 40 steps each)
@@ -75,6 +76,7 @@ Variables (make TARGET NAME=value)
                 e.g. ARGS="--set training_params.num_steps=100", or for compare ARGS=--force
                 (gpu-check: benchmarks/gpu_check.py's, e.g. ARGS="--items a b")
   PROTOCOL_CONFIG  the config the protocol targets run     [$(PROTOCOL_CONFIG)]
+  PROTOCOLS_OUT    where the protocol targets write        [$(PROTOCOLS_OUT)]
   RUNS          run folders for compare                   [every finished run under results/]
   SETUP_ARGS    arguments for setup.sh, e.g. --force      [$(SETUP_ARGS)]
   DATA_DEST     where `make data` puts the real data       [$(DATA_DEST)]
