@@ -154,7 +154,9 @@ def summary_markdown(frame: pd.DataFrame, plan: dict) -> str:
     head = (f"# {plan.get('trial_name', '')}: {plan['protocol']} protocol"
             + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + "\n\n"
             "Each trial's errors averaged over the runs that decoded it (seeds; for recalibration also the draws), "
-            "then summed over trials; 95% bootstrap CI over trials; sd: spread of the runs' own figures.\n\n")
+            "then summed over trials; 95% bootstrap CI over trials; sd: spread of the runs' own figures; trials: the "
+            "distinct trials decoded at the point (a trial decoded by several runs counts once; recalibration draws "
+            "each decode the trials they did not calibrate on, so together they may cover every trial).\n\n")
     return head + shown.to_markdown(index=False) + "\n"
 
 
