@@ -1,4 +1,4 @@
-"""b2t-bench command line: run | evaluate | compare | synth | download | list.
+"""b2t-bench command line: run | evaluate | compare | synth | convert | download | list.
 
 Thin: parses arguments, then calls the harness. A user mistake ends with one line on stderr and
 exit status 2; a model folder that fails to import shows its traceback and its name, exit status 2.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -85,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="the real dataset's shape: 45 sessions with the real names, 10,948 trials, real durations "
                           "(about 11 GB; takes the place of --sessions and --trials)")
 
+    add_convert_parser(commands)
+
     dl = commands.add_parser("download", help="fetch the Brain-to-Text '25 data and baseline checkpoint from Dryad",
                              description="Fetch the Brain-to-Text '25 dataset from Dryad (API v2), resuming and verifying "
                                          "each file, and unpack it into DIR/hdf5_data_final/ and "
@@ -101,6 +105,89 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     commands.add_parser("list", help="print every registered name", description="Print every name of every registry.")
     return parser.parse_args(argv)
+
+
+CONVERT_DESCRIPTION = """\
+Convert continuous recordings with sentence annotations into session folders in the Brain-to-Text '25 format,
+which every decoder here trains on (data_params.data_dir=DIR).
+
+Inputs: files mne.io.read_raw reads (FIF, EDF, BDF, BrainVision .vhdr, ...), one file = one block; or one BIDS
+root (mne-bids; --subject/--session/--task/--run select runs), one run = one block. One session per recording day
+(the UTC date of meas_date) or BIDS session, named <prefix>.<YYYY.MM.DD> (without a date: <prefix>.<BIDS session>,
+else <prefix>.<NN> per undated file).
+
+Trials: annotations whose description starts with --sentence-prefix (onset, duration, the sentence), or --events
+TSVs (onset, duration, sentence; a 'recording' column, or one TSV per recording in order). Labels: CMU phonemes
+without stress, SIL after every word.
+
+Features per picked channel, in --bin-ms bins, z-scored per block (float32):
+  spikes      threshold crossings at --threshold x RMS of the --spike-band band-passed signal, then its power
+              (mean square): all crossing channels first, then all power channels (the real data's layout)
+  high_gamma  power (mean square) of the --band band-passed signal
+  as_is       the samples as they are, at the bin rate (resampled by MNE when the recording is at another rate)
+  auto        as_is at the bin rate; else spikes when Nyquist is above the spike band's top and no MEG channel is
+              picked; else high_gamma when Nyquist is above --band's top; else an error
+
+Splits: --test-blocks/--val-blocks or --splits TSV by block; val otherwise a seeded share (--val-fraction) of each
+session's distinct non-test sentences. Writes DIR/<session>/data_{train,val,test}.hdf5 and DIR/convert_report.json,
+all at once (nothing is written when a check fails).
+"""
+
+
+def add_convert_parser(commands) -> None:
+    cv = commands.add_parser("convert", help="convert FIF/EDF/BrainVision/BIDS recordings into the Brain-to-Text '25 format",
+                             description=CONVERT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cv.add_argument("recordings", nargs="+", metavar="RECORDING",
+                    help="recording files (one file = one block), or one BIDS root folder")
+    cv.add_argument("--out", required=True, metavar="DIR", help="new folder to hold the session folders and convert_report.json")
+    cv.add_argument("--overwrite", action="store_true", help="replace DIR when it holds a previous conversion")
+    bids = cv.add_argument_group("BIDS filters (a BIDS root only)")
+    for name, what in (("subject", "subjects"), ("session", "sessions"), ("task", "tasks"), ("run", "runs")):
+        bids.add_argument(f"--{name}", dest=f"{name}s", nargs="+", metavar="LABEL", help=f"only these {what}")
+    cv.add_argument("--session-prefix", metavar="PREFIX",
+                    help="session folders are PREFIX.YYYY.MM.DD (default: sub-<subject> for BIDS, else rec)")
+    cv.add_argument("--sentence-prefix", default="sentence:", metavar="TEXT",
+                    help="annotations whose description starts with TEXT are sentences (default: %(default)s)")
+    cv.add_argument("--events", nargs="+", metavar="TSV",
+                    help="sentences from TSVs (columns onset, duration, sentence; seconds from the first sample) "
+                         "instead of the annotations: with a 'recording' column, or one TSV per recording in order")
+    cv.add_argument("--picks", nargs="+", metavar="PICK",
+                    help="channel types (ecog, seeg, eeg, meg, mag, grad, dbs, misc, ...) or channel names "
+                         "(default: every MEG/EEG/sEEG/ECoG/DBS channel, bad ones included)")
+    cv.add_argument("--features", choices=["auto", "spikes", "high_gamma", "as_is"], default="auto",
+                    help="what to compute per channel (default: %(default)s; see above)")
+    cv.add_argument("--bin-ms", type=float, default=20.0, metavar="MS", help="bin width (default: %(default)g, as the real data)")
+    cv.add_argument("--band", type=float, nargs=2, default=[70.0, 150.0], metavar=("LOW", "HIGH"),
+                    help="high_gamma band in Hz (default: 70 150)")
+    cv.add_argument("--spike-band", type=float, nargs=2, default=[250.0, 5000.0], metavar=("LOW", "HIGH"),
+                    help="spikes band in Hz (default: 250 5000)")
+    cv.add_argument("--threshold", type=float, default=-4.5, metavar="K",
+                    help="spikes: a crossing is the first sample beyond K x RMS (below for K < 0; default: %(default)g)")
+    cv.add_argument("--test-blocks", nargs="+", metavar="SPEC",
+                    help="blocks of the test split: SESSION:BLOCK, a block number (in every session), or a recording")
+    cv.add_argument("--val-blocks", nargs="+", metavar="SPEC", help="blocks of the val split, likewise")
+    cv.add_argument("--splits", metavar="TSV",
+                    help="split per block: columns split and recording, or split, session and block (others: train)")
+    cv.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                    help="without val blocks: this share of each session's distinct sentences is val (default: %(default)g)")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the val share (default: %(default)s)")
+    cv.add_argument("--unlabeled-test", action="store_true", help="write the test split without labels, as the real data")
+    cv.add_argument("--skip-unknown-words", action="store_true",
+                    help="skip (and count) sentences with words not in the CMU dictionary instead of refusing them")
+
+
+def convert_options(args: argparse.Namespace):
+    from harness.convert import ConvertOptions
+    from harness.recording_features import FeatureSettings
+
+    def tup(values):
+        return tuple(values) if values else None
+
+    features = FeatureSettings(args.features, args.bin_ms, tuple(args.band), tuple(args.spike_band), args.threshold)
+    return ConvertOptions(tuple(args.recordings), args.out, args.overwrite, tup(args.subjects), tup(args.sessions),
+                          tup(args.tasks), tup(args.runs), args.session_prefix, args.sentence_prefix, tup(args.events),
+                          tup(args.picks), features, tup(args.val_blocks), tup(args.test_blocks), args.splits,
+                          args.val_fraction, args.seed, args.unlabeled_test, args.skip_unknown_words)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -126,6 +213,11 @@ def dispatch(args: argparse.Namespace) -> int:
                  "durations": args.durations, "preset": args.preset}
         report = write_synthetic_dataset(args.out, **{k: v for k, v in given.items() if v is not None})
         print(f"wrote {args.out}: {synth_summary(report)}")
+    elif args.command == "convert":
+        from harness.convert import convert, summary
+
+        report = convert(convert_options(args))
+        print(f"wrote {args.out}: {summary(report)}")
     elif args.command == "download":
         from harness.download import download
 
@@ -165,6 +257,7 @@ def main(argv=None) -> int:
 
     warnings.simplefilter("default", RetiredKeyWarning)  # a retired key in a user's config is news to them
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         return dispatch(args)
     except UserError as error:
@@ -184,6 +277,15 @@ def main(argv=None) -> int:
         where = f" writing {error.filename}" if error.filename else ""
         print(f"error: no space left on device{where} (free some space, then --resume)", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    """`kill PID` (SIGTERM) ends a command as Ctrl-C does: the `finally` blocks run (worker pools
+    stop, locks are released) and run.log says the run stopped, instead of Python's silent exit."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def one_line(message: str) -> str:

@@ -258,6 +258,10 @@ def _log_error_to_file(handler: logging.Handler, error: BaseException) -> None:
     if isinstance(error, UserError):
         record = logging.makeLogRecord({"name": "b2t", "levelno": logging.ERROR, "levelname": "ERROR",
                                         "msg": "%s", "args": (str(error),)})
+    elif isinstance(error, KeyboardInterrupt):  # Ctrl-C or `kill PID` (main.py): no bug, no traceback
+        record = logging.makeLogRecord({"name": "b2t", "levelno": logging.WARNING, "levelname": "WARNING",
+                                        "msg": "the run was interrupted (%s): resume it with --resume --out RUN_DIR",
+                                        "args": (str(error) or "Ctrl-C",)})
     else:
         record = logging.makeLogRecord({"name": "b2t", "levelno": logging.ERROR, "levelname": "ERROR",
                                         "msg": "the run stopped: %s: %s (resume it with --resume --out RUN_DIR)",

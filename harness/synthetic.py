@@ -30,10 +30,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from harness.b2txt25_writer import PAD_LEN, write_split
 from harness.description import DESCRIPTION_NAME
 from harness.errors import UserError
 from harness.phonemes import N_CLASSES, PHONEMES
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 N_FEATURES = 512
 N_ELECTRODES = 256  # 4 arrays x 64; features = [threshold crossings, spike-band power]
-PAD_LEN = 500
 SPLITS = ("train", "val", "test")
 HELDOUT_FRACTION = 0.125  # of each session's trials, for val and for test
 TRAIN_BLOCK_TRIALS = 20
@@ -417,33 +416,7 @@ def simulate_session(plan: DatasetPlan, index: int) -> list[SynthTrial]:
     return trials
 
 
-# ---------------------------------------------------------------- files
-
-def _padded(values: list[int]) -> np.ndarray:
-    """int32, zero-padded to 500 (inputs are checked to fit when sentences are chosen)."""
-    out = np.zeros(PAD_LEN, np.int32)
-    out[:len(values)] = values
-    return out
-
-
-def _write_split(path: Path, trials: list[SynthTrial], labeled: bool) -> None:
-    """One data_<split>.hdf5. No timestamps in object headers, so same input -> same bytes."""
-    with h5py.File(path, "w", libver="earliest") as f:
-        for n, t in enumerate(trials):
-            g = f.create_group(f"trial_{n:04d}")
-            g.create_dataset("input_features", data=t.features, track_times=False)
-            g.attrs["n_time_steps"] = np.int64(len(t.features))
-            g.attrs["session"] = t.session
-            g.attrs["block_num"] = np.int64(t.block_num)
-            g.attrs["trial_num"] = np.int64(t.trial_num)
-            if labeled:
-                g.create_dataset("seq_class_ids", data=_padded(t.phoneme_ids),
-                                 track_times=False)
-                g.create_dataset("transcription", track_times=False,
-                                 data=_padded([ord(c) for c in t.sentence_label]))
-                g.attrs["seq_len"] = np.int64(len(t.phoneme_ids))
-                g.attrs["sentence_label"] = t.sentence_label
-
+# ---------------------------------------------------------------- files (harness.b2txt25_writer writes the HDF5)
 
 def _write_description(path: Path, plan: DatasetPlan) -> None:
     """The per-block description CSV in the real dataset's columns (the synthetic blocks, dates from
@@ -516,7 +489,7 @@ def write_synthetic_dataset(out_dir: str | Path, n_sessions: int = 8,
             in_split = [t for t in trials if t.split == split]
             if in_split:
                 file = f"{session}/data_{split}.hdf5"
-                _write_split(out_dir / file, in_split, labeled=split != "test")
+                write_split(out_dir / file, in_split, labeled=split != "test")
                 rows += [_trial_report(t, file, n) for n, t in enumerate(in_split)]
     _write_description(out_dir / DESCRIPTION_NAME, plan)
     lengths = np.array([r["n_time_steps"] for r in rows])

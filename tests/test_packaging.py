@@ -25,7 +25,7 @@ from harness.results import package_versions
 from tests.conftest import REPO_ROOT
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-DEV_ONLY = {"pytest", "ruff", "jiwer"}
+DEV_ONLY = {"pytest", "ruff", "jiwer", "edfio", "pybv"}  # edfio, pybv: MNE writes EDF and BrainVision in the tests
 
 
 def names(requirements) -> set[str]:

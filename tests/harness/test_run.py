@@ -209,3 +209,31 @@ def test_an_error_after_the_folder_exists_lands_in_run_log(small_dataset, tmp_pa
     assert "Traceback (most recent call last)" in log and "in fail" in log
     assert "pre-flight check of the model" in log  # what was logged before the folder existed comes first
     assert log.index("pre-flight check") < log.index("run folder:")
+
+
+def test_kill_ends_a_run_as_ctrl_c_does_and_run_log_says_so(run_dataset, tmp_path):
+    """`kill PID` (SIGTERM): the run stops through its finally blocks (lock released, exit 130) and
+    run.log's last line says it stopped and how to go on, where Python alone would exit silently."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, B2T_PLUGINS="tests.tiny_plugin", PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), "run", "--config", str(TINY_CONFIG),
+                                "--set", f"data_params.data_dir={run_dataset}", "--set", "training_params.num_steps=100000",
+                                "--out", str(out)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "run.log").is_file() and "step " in (out / "run.log").read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 130
+        assert process.stderr.read().strip().endswith("interrupted")
+        last = (out / "run.log").read_text().splitlines()[-1]
+        assert "the run was interrupted (signal 15): resume it with --resume" in last
+        from harness.results import lock_holder
+        assert lock_holder(out) is None  # the folder's lock is free
+    finally:
+        process.kill()
