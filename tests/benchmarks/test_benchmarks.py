@@ -69,3 +69,15 @@ def test_recalibration_step_benchmark_runs_at_a_toy_size(monkeypatch, capsys):
     module.main()
     out = capsys.readouterr().out
     assert "day_layer           262,656" in out and "day_layer / all:" in out
+
+
+def test_convert_speed_benchmark_runs_at_a_toy_size(monkeypatch, capsys):
+    """benchmarks/convert_speed.py end to end on half a minute of 8 channels: it converts, reads and
+    prints the median and the ratio."""
+    spec = importlib.util.spec_from_file_location("convert_speed", SCRIPT.parent / "convert_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["convert_speed.py", "--minutes", "0.5", "--channels", "8", "--repeats", "1"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "features: high_gamma" in out and "convert / read =" in out
