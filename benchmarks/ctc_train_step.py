@@ -74,7 +74,7 @@ from config import load_config  # noqa: E402
 from ctc_baseline import CTCBaseline, CTCBaselineParams  # noqa: E402
 from gru_decoder.encoder import output_lengths, patchify  # noqa: E402
 from harness.batching import Batch, TrainBatchSampler, TrialDataset, collate  # noqa: E402
-from harness.data import FeatureStore, find_sessions, read_trials  # noqa: E402
+from harness.data import FeatureStore, data_width, find_sessions, read_trials  # noqa: E402
 from harness.evaluation import apply_preprocessors, autocast  # noqa: E402
 from harness.phonemes import BLANK_ID  # noqa: E402
 from harness.runner import build_preprocessors  # noqa: E402
@@ -302,7 +302,8 @@ def make_setup(size: Size, data_dir: str | Path, device: str = "cpu", amp: bool 
     index = day_index(data_sessions, dp.sessions, n_days)
     trials = [t for t in read_trials(data_dir, data_sessions, "train", dp.n_features, index)
               if t.n_time_steps >= config.model_params.patch_size]
-    params = replace(config.model_params, n_days=n_days, n_features=dp.n_features, **size.model_overrides)
+    width = data_width({"train": trials}, dp.n_features)  # the config's, else the data's (as a run does)
+    params = replace(config.model_params, n_days=n_days, n_features=width, **size.model_overrides)
     torch.manual_seed(seed)
     model = CTCBaseline(params)
     with torch.no_grad():  # move the day layers off identity/zero so the same-math check exercises them

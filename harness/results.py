@@ -207,7 +207,7 @@ def check_writable(folder: Path | str, what: str = "--out") -> None:
     if not existing.is_dir():
         raise UserError(f"{what} {folder}: {existing} is a file, not a folder")
     try:  # the one sure test (permissions, read-only mounts, /proc, root's exemptions): make and remove a folder
-        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".b2t-write-test-"))
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=WRITE_PROBE))
     except OSError as error:  # (/proc answers "No such file or directory": no use to a reader)
         why = f" ({error.strerror})" if error.errno not in (errno.ENOENT, None) else ""
         raise UserError(f"{what} {folder}: cannot write in {existing}{why}") from None
@@ -220,7 +220,8 @@ def foreign_entries(folder: Path) -> list[str]:
         return _group_foreign_entries(folder)
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if _partial(entry.name) or entry.name in RUN_FOLDER_FILES and entry.is_file() and not entry.is_symlink():
+        if _partial(entry.name) or _transient(entry) or (
+                entry.name in RUN_FOLDER_FILES and entry.is_file() and not entry.is_symlink()):
             continue
         if entry.name not in RUN_FOLDER_DIRS or not entry.is_dir() or entry.is_symlink():
             foreign.append(entry.name)
@@ -238,13 +239,23 @@ def _group_foreign_entries(folder: Path) -> list[str]:
     claimed but killed before it wrote anything holds only its lock)."""
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if _partial(entry.name) or entry.name in GROUP_FILES and entry.is_file() and not entry.is_symlink():
+        if _partial(entry.name) or _transient(entry) or (
+                entry.name in GROUP_FILES and entry.is_file() and not entry.is_symlink()):
             continue
         if entry.is_dir() and not entry.is_symlink() and (
                 is_run_folder(entry) or all(p.name == LOCK for p in entry.iterdir())):
             continue
         foreign.append(entry.name)
     return foreign
+
+
+WRITE_PROBE = ".b2t-write-test-"  # check_writable's folder, made and removed at once
+
+
+def _transient(entry: Path) -> bool:
+    """Another b2t-bench process's write probe (check_writable), there for an instant: a run starting
+    on the same --out at the same moment must not take it for the user's files."""
+    return entry.name.startswith(WRITE_PROBE)
 
 
 def _partial(name: str) -> bool:
@@ -281,7 +292,7 @@ def check_out_dir(out: Path | str, resume: bool, overwrite: bool, protected: dic
     check_writable(out)
     if not out.exists():
         return
-    held = [p for p in out.iterdir() if p.name != LOCK]
+    held = [p for p in out.iterdir() if p.name != LOCK and not _transient(p)]
     if not held:
         return
     holder = None if locked_here else lock_holder(out)  # (our own lock would look like another process's)

@@ -424,3 +424,16 @@ def test_a_folder_being_written_is_in_use_for_every_other_command(small_dataset,
         for extra in ([], ["--overwrite"], ["--resume"]):
             line = refused(capsys, run_args(small_dataset, out) + extra)
             assert f"is in use by another b2t-bench process (pid {os.getpid()})" in line, extra
+
+
+def test_another_processs_write_probe_is_not_the_users_file(tmp_path):
+    """check_writable makes and removes a folder in --out; a second run starting on the same --out at
+    that instant sees it. It is neither the user's file nor a reason to refuse the folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    probe = out / (results.WRITE_PROBE + "abc123")
+    probe.mkdir()
+    results.check_out_dir(out, False, False)  # only a probe: as good as empty
+    with results.prepare_out_dir(out, False, False) as path:
+        results.atomic_write_text(path / "config.yaml", "trial_name: x\n")
+        assert results.foreign_entries(path) == [] and results.is_run_folder(path)
