@@ -90,7 +90,10 @@ DEFAULT_PREFIX = "rec"
 BIDS_DATATYPES = ("ieeg", "meg", "eeg")
 DATA_TYPES = ("mag", "grad", "eeg", "seeg", "ecog", "dbs")  # the default picks
 PICK_GROUPS = {"meg": ("mag", "grad"), "data": DATA_TYPES}
-READ_ERRORS = (ValueError, OSError, RuntimeError, KeyError, IndexError, NotImplementedError, EOFError)
+# What MNE's and mne-bids' readers raise on a file they cannot read: any Exception. A damaged or
+# foreign file fails deep inside a format parser, in whatever way (a 6-byte text file named .fif
+# ends in an AttributeError), and the file is the user's; the message keeps the error's type and text.
+READ_ERRORS = (Exception,)
 _PREFIX_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -288,7 +291,7 @@ def _read_raw(path: Path):
 
     try:
         with _quiet():
-            return mne.io.read_raw(path, preload=False, verbose="error")
+            return mne.io.read_raw(str(path), preload=False, verbose="error")  # str: MNE's messages then name it plainly
     except READ_ERRORS as error:
         raise UserError(f"cannot read recording {path}: {brief(error)}") from None
 

@@ -381,6 +381,8 @@ def _bad_inputs(tmp_path):
         return [save(make_raw(data, sfreq, sentences, **kw), tmp_path / f"{name}_raw.fif")]
     garbage = tmp_path / "broken_raw.fif"
     garbage.write_bytes(b"not a fif file" * 10)
+    tiny = tmp_path / "notes_raw.fif"
+    tiny.write_text("hello\n")  # MNE fails on it with an AttributeError, not a ValueError
     garbage_edf = tmp_path / "broken.edf"
     garbage_edf.write_bytes(b"0       " + b"x" * 300)
     late = tmp_path / "late.tsv"  # (MNE itself crops annotations to the data; an events TSV is not)
@@ -396,6 +398,7 @@ def _bad_inputs(tmp_path):
         "pick selects nothing": (fif("pick", rng.normal(size=(2, 400))), ["--picks", "seeg"],
                                  "--picks seeg selects no channel"),
         "unreadable fif": ([str(garbage)], [], f"cannot read recording {garbage}"),
+        "tiny text file as fif": ([str(tiny)], [], f"cannot read recording {tiny}"),
         "unreadable edf": ([str(garbage_edf)], [], f"cannot read recording {garbage_edf}"),
         "missing file": ([str(tmp_path / "nope.fif")], [], "recording not found"),
         "unknown words": (fif("oov", rng.normal(size=(2, 400)), sentences=spaced(
@@ -418,6 +421,7 @@ def _bad_inputs(tmp_path):
 
 # the last fails while the features are computed, after every check, when the folder beside --out exists
 BAD_CASES = ["no sentences", "overlap", "rate too low", "auto rate too low", "pick selects nothing", "unreadable fif",
+             "tiny text file as fif",
              "unreadable edf", "missing file", "unknown words", "channel counts", "outside the recording", "unknown block",
              "BIDS filter on files", "folder that is no BIDS root", "non-finite samples"]
 
