@@ -42,7 +42,8 @@ b2t-bench make targets
   setup         create .venv and install b2t-bench editable (pip install -e .: the `b2t` command) with
                 its dependencies (bash setup.sh; SETUP_ARGS=--dev adds pytest, ruff, jiwer; --force reinstalls)
   test          install the dev extra (bash setup.sh --dev), lint (ruff check .) and run the test
-                suite: $(PY) -m pytest -q tests (slurm tests: B2T_TEST_SLURM=install, see README)
+                suite: $(PY) -m pytest -q tests (slurm tests: B2T_TEST_SLURM=install; the slow tests:
+                B2T_TEST_ALL=1, as CI sets; see README "Setup details")
   synth         make the embedded synthetic dataset in $(SYNTH_DIR) (once; `make clean` removes it)
   data          download the real Brain-to-Text '25 data and baseline checkpoint from Dryad into
                 $(DATA_DEST) (needs DRYAD_TOKEN or DRYAD_CLIENT_ID + DRYAD_CLIENT_SECRET; README "Data")

@@ -98,3 +98,15 @@ def ctc_tiny_run(synthetic_dataset, tmp_path_factory):
         run_dir = runner.run(str(REPO_ROOT / "configs" / "ctc_baseline" / "tiny.yml"),
                              [f"data_params.data_dir={synthetic_dataset}"], str(folder / "run"), False, False)
     return run_dir, folder / "cache"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (a training run to convergence, torchrun, kill-and-resume, a slurm cluster)
+    run when B2T_TEST_ALL=1, as in CI (.ci/run): a researcher's `make test` stays under ten minutes
+    and says what it left out."""
+    if os.environ.get("B2T_TEST_ALL") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: B2T_TEST_ALL=1 runs it (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -103,6 +103,7 @@ def read_rows(run_dir):
     return list(csv.DictReader(open(run_dir / "per_trial.csv")))
 
 
+@pytest.mark.slow
 def test_tiny_config_learns_far_above_chance_and_reuses_the_target_cache(synthetic_dataset, tmp_path):
     data = [f"data_params.data_dir={synthetic_dataset}", "evaluation.splits=[val]"]
     trained = runner.run(str(CONFIGS / "tiny.yml"), data, str(tmp_path / "trained"), False, False)

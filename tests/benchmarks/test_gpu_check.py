@@ -28,6 +28,7 @@ def run(*args, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_every_item_runs_at_toy_size_on_the_cpu(tmp_path):
     done = run("--device", "cpu", "--tiny", "--out", str(tmp_path / "check"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

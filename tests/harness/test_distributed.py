@@ -201,6 +201,7 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluate_as_one(small_dataset, tmp_path):
     """2 ranks vs 1 process accumulating 2 batches per update (the same batches, see above), on the
     tiny model (no dropout, no augmentation: no random draws) with one CPU thread per process.

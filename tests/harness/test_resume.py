@@ -98,6 +98,7 @@ def uninterrupted(synthetic_dataset, tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_as_an_uninterrupted_run(uninterrupted, synthetic_dataset, tmp_path):
     run_dir = tmp_path / "killed"
     with open(tmp_path / "killed.out", "w+") as output:
@@ -159,6 +160,7 @@ sys.exit(main.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(uninterrupted, synthetic_dataset, tmp_path):
     run_dir, checkpoints = tmp_path / "cut", tmp_path / "cut" / "checkpoints"
     with open(tmp_path / "cut.out", "w+") as output:
@@ -182,6 +184,7 @@ def torchrun(*args):
     return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]  # after the python of start()
 
 
+@pytest.mark.slow
 def test_a_two_rank_run_resumes_every_ranks_random_draws(synthetic_dataset, tmp_path):
     """Under torchrun rank 0's checkpoint holds both ranks' RNG states (augmentation and dropout
     differ between ranks); killed while writing its second checkpoint and resumed, the run ends as an

@@ -211,6 +211,7 @@ def test_an_error_after_the_folder_exists_lands_in_run_log(small_dataset, tmp_pa
     assert log.index("pre-flight check") < log.index("run folder:")
 
 
+@pytest.mark.slow
 def test_kill_ends_a_run_as_ctrl_c_does_and_run_log_says_so(run_dataset, tmp_path):
     """`kill PID` (SIGTERM): the run stops through its finally blocks (lock released, exit 130) and
     run.log's last line says it stopped and how to go on, where Python alone would exit silently."""

@@ -100,6 +100,7 @@ def test_submitted_job_writes_a_complete_run_folder(finished_job):
     assert "global_rank=1(2)" in open(log.replace("_0_log.out", "_1_log.out")).read()  # the second task
 
 
+@pytest.mark.slow
 def test_finished_run_is_never_run_again(finished_job, dataset, tmp_path):
     job_id, out, log, _ = finished_job
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
@@ -117,6 +118,7 @@ def test_finished_run_is_never_run_again(finished_job, dataset, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_sweep_is_a_job_array_capped_at_array_parallelism(slurm_cluster, dataset, tmp_path):
     result = cli("run", "--launcher", "slurm", "--config", TINY_CONFIG, *base(dataset, tmp_path / "logs"),
                  "--set", "slurm.array_parallelism=1", "--sweep", "model_params.hidden=8,16", "--out", tmp_path / "sweep")
@@ -136,6 +138,7 @@ def test_sweep_is_a_job_array_capped_at_array_parallelism(slurm_cluster, dataset
     assert second["start"] >= first["end"]  # at most one at once: the second started after the first ended
 
 
+@pytest.mark.slow
 def test_seed_group_is_one_job_array_and_the_last_job_writes_the_summary(slurm_cluster, dataset, tmp_path):
     out = tmp_path / "group"
     result = cli("run", "--launcher", "slurm", "--config", TINY_CONFIG, *base(dataset, tmp_path / "logs"),
@@ -149,6 +152,7 @@ def test_seed_group_is_one_job_array_and_the_last_job_writes_the_summary(slurm_c
     assert {row["n_runs"] for row in summary} == {"2"} and {row["split"] for row in summary} == {"val"}
 
 
+@pytest.mark.slow
 def test_make_launcher_slurm_job_survives_requeue_and_preemption_and_resumes_exactly(slurm_cluster, dataset, tmp_path):
     overrides = [*base(dataset, tmp_path / "logs"), *sets(*LONG, "evaluation.splits=[val]")]
     reference = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), "run", "--config", TINY_CONFIG,

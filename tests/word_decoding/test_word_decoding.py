@@ -396,6 +396,7 @@ def test_ctc_baseline_run_reports_wer_and_the_kaggle_csv_has_the_text(ctc_tiny_r
     assert len(list((cache / "word_decoding").glob("lm-*.arpa"))) == 1
 
 
+@pytest.mark.slow
 def test_the_benchmark_script_runs_at_a_toy_size(ctc_tiny_run, tmp_path, capsys):
     import importlib.util
 
