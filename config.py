@@ -274,7 +274,8 @@ class DataScalingParams:
             yield "fractions", f"is {self.fractions}: it must list distinct numbers above 0 and at most 1"
 
 
-PROTOCOLS = ("fixed", "cross_session", "recalibration", "data_scaling")
+HELD_OUT_PROTOCOLS = ("cross_session", "recalibration")  # the protocols that hold sessions out of training
+SEED_KEYS = ("training_params.seed", "data_params.seed")  # what `run --seeds` sets (and compare pools over)
 
 
 @dataclass
@@ -296,7 +297,7 @@ class EvaluationParams:
         yield from at_least(self, 0, "bootstrap_resamples")
         if not self.splits:
             yield "splits", "is empty: name at least one of train, val, test"
-        if self.protocol in ("cross_session", "recalibration") and (
+        if self.protocol in HELD_OUT_PROTOCOLS and (
                 self.held_out.last_sessions is None and self.held_out.from_date is None):
             yield "protocol", (f"{self.protocol} needs a cut: set evaluation.held_out.last_sessions (the last K "
                                "sessions) or evaluation.held_out.from_date (YYYY.MM.DD)")

@@ -12,7 +12,6 @@ harness.metrics, so these numbers agree with metrics.json on the same trials.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from datetime import date
 
@@ -21,6 +20,8 @@ import pandas as pd
 from rapidfuzz.distance import Levenshtein
 from sklearn.metrics import confusion_matrix
 
+from config import parse_date
+from harness import run_reader
 from harness.metrics import COLUMNS, as_number, bootstrap_ci, normalize_text, summed_ratio
 from harness.paired_stats import paired_comparison
 from harness.phonemes import ARPABET, SIL
@@ -30,7 +31,7 @@ NUMERIC_COLUMNS = ("block_num", "trial_num", "phoneme_edits", "phoneme_count", "
 TEXT_COLUMNS = ("split", "session", "reference_text", "predicted_text", "reference_phonemes", "predicted_phonemes",
                 "corpus")
 OPTIONAL_COLUMNS = ("n_time_steps", "true_rank")  # absent from old runs and from non-retrieval models
-TRIAL_KEY = ["split", "session", "block_num", "trial_num"]  # one trial, the same for every decoder
+TRIAL_KEY = list(run_reader.TRIAL_KEY)  # one trial, the same for every decoder
 
 # Below this many trials a bootstrap CI of a summed ratio says little: the resamples draw from so few
 # distinct trials that the interval comes out too narrow and moves a lot when one trial is added or
@@ -75,19 +76,12 @@ def _column(df: pd.DataFrame, name: str) -> pd.Series:
 
 # --------------------------------------------------------------------------- trial properties
 
-_DATE = re.compile(r"(\d{4})\.(\d{2})\.(\d{2})$")
 BIN_SECONDS = 0.02  # one time step of the neural features
 
 
 def session_date(name: str) -> date | None:
     """The date at the end of a session name ("t15.2023.08.11" -> 2023-08-11); None if it has none."""
-    match = _DATE.search(name.strip()) if name else None
-    if match is None:
-        return None
-    try:
-        return date(*(int(part) for part in match.groups()))
-    except ValueError:  # 2023.13.40
-        return None
+    return parse_date(name.strip()) if name else None
 
 
 def days_since_implant(df: pd.DataFrame) -> pd.Series:

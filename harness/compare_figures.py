@@ -20,13 +20,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from config import SEED_KEYS
 from harness import analyses, analysis_plots, plots
 from harness.compare_report import LABELS, format_rate, markdown_table
 from harness.compare_tables import edit_operations_rows
 from harness.decoders import IGNORED_PREFIXES, Decoder, as_decoders, assign_labels, pooled
 from harness.group_summary import AXES, AXIS_LABELS
 from harness.metrics import COLUMNS
-from harness.run_reader import SEED_KEYS, Run, flatten
+from harness.run_reader import Run, flatten
 
 MAX_CONFUSION_SYMBOLS = 60  # a confusion matrix of more symbols than this is not of phonemes: not drawn
 MAX_ALL_PAIRS = 5  # up to this many decoders, a forest plot per pair; beyond, each against the first

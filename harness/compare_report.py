@@ -13,11 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from config import HELD_OUT_PROTOCOLS, SEED_KEYS
 from harness import analyses
 from harness.compare_tables import corpus_frame, is_scored
 from harness.decoders import RETRIEVAL, Decoder, as_decoders
 from harness.metrics import COLUMNS, METRICS, as_number
-from harness.run_reader import SEED_KEYS, Run
+from harness.run_reader import Run
 from harness.same_data import describe_groups, fingerprint
 
 LABELS = {"per": "PER", "wer": "WER", "cer": "CER", "retrieval_top1": "top-1", "retrieval_top10": "top-10"}
@@ -247,7 +248,7 @@ def render_report(decoders, table, pairs, images, splits, unfinished, groups, co
         read = ", ".join(f"{n} {split}" for split, n in n_trials.items())
         parts.append(f"{count} on the same data ({len(sessions)} sessions; trials read: {read}).\n")
     if decoders and decoders[0].protocol != "fixed":
-        held_out = decoders[0].protocol in ("cross_session", "recalibration")
+        held_out = decoders[0].protocol in HELD_OUT_PROTOCOLS
         parts.append(f"Evaluation protocol: {decoders[0].protocol}." + (
             " Every split below is the held-out sessions' trials of that split's files (sessions the decoders "
             "were not trained on)." if held_out else "") + "\n")

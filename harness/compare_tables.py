@@ -15,6 +15,7 @@ import itertools
 
 import pandas as pd
 
+from config import SEED_KEYS
 from harness import analyses
 from harness.decoders import (
     ALL_METRICS,
@@ -29,7 +30,6 @@ from harness.decoders import (
 )
 from harness.metrics import METRICS
 from harness.paired_stats import paired_comparison
-from harness.run_reader import SEED_KEYS
 
 SUMMARY_LEADING = ["run", "decoder", "split"]
 CORPUS_COLUMNS = ["run", "decoder", "split", "corpus", *(f"{m}{end}" for m in METRICS for end in ("", "_ci_low", "_ci_high")),

@@ -25,10 +25,11 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from config import SEED_KEYS
 from harness import analyses
 from harness.group_summary import pooled_point
 from harness.metrics import COLUMNS, METRICS
-from harness.run_reader import SEED_KEYS, Run
+from harness.run_reader import Run
 
 RETRIEVAL = {"retrieval_top1": 1, "retrieval_top10": 10}  # metric -> k: the true sentence ranked <= k
 ALL_METRICS = (*METRICS, *RETRIEVAL)

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import results
+from config import HELD_OUT_PROTOCOLS
+from harness import results, run_reader
 from harness.metrics import COLUMNS, bootstrap_ci, summed_ratio
 
-TRIAL_KEY = ["split", "session", "block_num", "trial_num"]
+TRIAL_KEY = list(run_reader.TRIAL_KEY)
 AXES = {"fixed": None, "cross_session": "days_since_training", "data_scaling": "fraction", "recalibration": "k"}
 AXIS_LABELS = {"days_since_training": "days since the last training session", "fraction": "fraction of the training trials",
                "k": "calibration sentences per held-out session (k)"}
@@ -101,7 +102,7 @@ def _runs(group_dir: Path) -> list[dict]:
 def _points(protocol: str, run: dict) -> list[tuple[str, object, pd.DataFrame]]:
     """(split, x, rows) of one run: where its rows sit on the protocol's axis."""
     rows = run["rows"]
-    if protocol in ("cross_session", "recalibration"):
+    if protocol in HELD_OUT_PROTOCOLS:
         if protocol == "recalibration":
             return [(POOLED, run["coords"].get("k", 0), rows)]
         out = []

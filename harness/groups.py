@@ -25,13 +25,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from config import ExperimentConfig, dump_config, load_config
+from config import SEED_KEYS, ExperimentConfig, dump_config, load_config
 from harness import recalibration, results
 from harness.errors import UserError
+from harness.results import GROUP_CONFIG, GROUP_FILE
 
-GROUP_FILE, GROUP_CONFIG = "group.json", "group.yaml"
 GROUP_PROTOCOLS = ("data_scaling", "recalibration")  # protocols that train more than once
-SEED_KEYS = ("training_params.seed", "data_params.seed")  # what --seeds sets
 
 
 @dataclass
@@ -60,10 +59,6 @@ def parse_seeds(text: str | None) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {text!r}: give distinct seeds, e.g. --seeds 1,2,3")
     return seeds
-
-
-def is_group(folder: Path | str) -> bool:
-    return (Path(folder) / GROUP_FILE).is_file()
 
 
 def needs_group(config: ExperimentConfig, seeds: list[int]) -> bool:
@@ -112,17 +107,18 @@ def member_configs(config_path: str, overrides: list[str], members: list[Member]
 
 
 def check_group(config: ExperimentConfig, configs: list[ExperimentConfig], check: bool) -> None:
-    """What a member's run would refuse, said before the group folder exists: the data and the
-    protocol's cut (recalibration: k against the held-out sessions' trials) for every member, and the
-    pre-flight check of the model (one member's: they differ in seeds and shares of data only)."""
+    """What a member's run would refuse, said before the group folder exists: every member's config
+    (load_config, by the caller); then, on one member, since they differ only in seeds and in the share
+    of training trials (at least one per session), the data and the protocol's cut (recalibration: k
+    against the held-out sessions' trials) and the pre-flight check of the model."""
     from harness.runner import check_model, needed_splits, prepare_data
 
-    for member in configs:
-        trials, _ = prepare_data(copy.deepcopy(member), needed_splits(member))
-        if config.evaluation.protocol == "recalibration":
-            recalibration.check_k(member, trials)
+    first = configs[0]
+    trials, _ = prepare_data(copy.deepcopy(first), needed_splits(first))
+    if config.evaluation.protocol == "recalibration":
+        recalibration.check_k(first, trials)
     if check:
-        check_model(configs[0])
+        check_model(first)
 
 
 # ---------------------------------------------------------------------------------------------- running

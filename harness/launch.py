@@ -78,7 +78,7 @@ def launch(config_path: str | None, overrides: list[str], out: str | None, resum
 
 def is_group_launch(config_path, overrides, out, resume: bool, seeds: list[int]) -> bool:
     """A run group: --seeds, a --resume of a group folder, or a protocol that trains more than once."""
-    if seeds or (resume and out is not None and groups.is_group(out)):
+    if seeds or (resume and out is not None and results.is_group(out)):
         return True
     if config_path is None:
         return False
@@ -253,7 +253,7 @@ class SlurmGroupMember(SlurmRun):
         super().__call__()
         group_dir = Path(self.group_dir)
         member = groups.Member(**self.member)
-        groups.finish_member(member, Path(self.out), group_dir, load_config(group_dir / groups.GROUP_CONFIG))
+        groups.finish_member(member, Path(self.out), group_dir, load_config(group_dir / results.GROUP_CONFIG))
         if groups.finish_group(group_dir):
             print(f"run group finished: {group_dir}", flush=True)
         return self.out
@@ -264,14 +264,14 @@ def submit_group(config_path: str | None, overrides: list[str], out: str | None,
     """A run group as one slurm job array: every member validated and the group folder made here."""
     require_sbatch()
     if resume:
-        if out is None or not groups.is_group(out):
+        if out is None or not results.is_group(out):
             raise UserError("--resume of a run group needs --out GROUP_DIR (a folder with group.json)")
         if results.is_finished(out):
             print(f"{out} is already finished (DONE): nothing to submit")
             return []
         folder = Path(out)
         _, members = groups.read_plan(folder)
-        config = load_config(folder / groups.GROUP_CONFIG)
+        config = load_config(folder / results.GROUP_CONFIG)
         left = set(groups.unfinished(folder))
         members = [m for m in members if m.name in left or any(n.startswith(m.prefix + "k-") for n in left)]
     else:
@@ -287,7 +287,7 @@ def submit_group(config_path: str | None, overrides: list[str], out: str | None,
         else:
             folder = results.new_run_dir(config.output.results_dir, config.trial_name)
         groups.write_plan(folder, config, seeds, members)
-    config_text = (folder / groups.GROUP_CONFIG).read_text()
+    config_text = (folder / results.GROUP_CONFIG).read_text()
     calls = [SlurmGroupMember(config_text, asdict(m), str(folder.absolute()), check) for m in members]
     print(f"run group {folder}: {len(calls)} training runs to submit")
     return submit_calls(config, calls, [(folder / m.name, m.overrides) for m in members])

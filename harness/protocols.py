@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.utils import shuffle
 
-from config import ExperimentConfig, parse_date
+from config import HELD_OUT_PROTOCOLS, ExperimentConfig, parse_date
 from harness.data import Trial
 from harness.errors import UserError
 from harness.metrics import split_metrics
@@ -75,7 +75,7 @@ def select_trials(trials: dict[str, list[Trial]], config: ExperimentConfig) -> d
     labelled trials under `held_out/<split>`; `data_params.train_fraction` < 1 keeps a seeded share
     of each session's training trials."""
     protocol = config.evaluation.protocol
-    if protocol in ("cross_session", "recalibration"):
+    if protocol in HELD_OUT_PROTOCOLS:
         train_sessions, held = held_out_sessions(list(config.data_params.sessions), config)
         held_set = set(held)
         selected = {split: [t for t in ts if t.session not in held_set] for split, ts in trials.items()

@@ -138,7 +138,12 @@ RUN_FOLDER_DIRS: dict[str, tuple[str, ...] | None] = {"checkpoints": ("*.pt",), 
 
 
 # A group of runs (harness/groups.py): its own files, and run folders (its members) inside
-GROUP_FILES = {"group.json", "group.yaml", "summary.json", "summary.csv", "summary.md", "summary.png", DONE, LOCK}
+GROUP_FILE, GROUP_CONFIG = "group.json", "group.yaml"  # the plan, and the group's resolved config
+GROUP_FILES = {GROUP_FILE, GROUP_CONFIG, "summary.json", "summary.csv", "summary.md", "summary.png", DONE, LOCK}
+
+
+def is_group(folder: Path | str) -> bool:
+    return (Path(folder) / GROUP_FILE).is_file()
 
 
 class RunFolder:
@@ -216,7 +221,7 @@ def check_writable(folder: Path | str, what: str = "--out") -> None:
 def foreign_entries(folder: Path) -> list[str]:
     """What `folder` holds that a run folder does not, as paths relative to it (the partial writes of a killed
     run are its own). Looks into checkpoints/ and tensorboard/ too: a file of the user's there is not a run's."""
-    if (folder / "group.json").is_file():
+    if is_group(folder):
         return _group_foreign_entries(folder)
     foreign = []
     for entry in sorted(folder.iterdir()):
@@ -322,7 +327,7 @@ def is_run_folder(folder: Path | str) -> bool:
     """Only a run's entries, and one that a run writes first (a run killed before its config.yaml has run.log);
     or a group of runs (group.json and its members' run folders)."""
     folder = Path(folder)
-    return (any((folder / name).is_file() for name in ("config.yaml", "run.log", DONE, "group.json"))
+    return (any((folder / name).is_file() for name in ("config.yaml", "run.log", DONE, GROUP_FILE))
             and not foreign_entries(folder))
 
 

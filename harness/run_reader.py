@@ -19,13 +19,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from config import SEED_KEYS
 from harness.errors import UserError
+from harness.results import GROUP_FILE, is_group
 
 TRIAL_KEY = ("split", "session", "block_num", "trial_num")
 NOT_SPLITS = ("run", "protocol")  # metrics.json's sections that are not a split's metrics
 SPLITS = ("train", "val", "test")  # as harness.data.SPLITS (not imported: it pulls in h5py)
-GROUP_FILE = "group.json"  # harness.groups.GROUP_FILE (not imported: it pulls in torch)
-SEED_KEYS = ("training_params.seed", "data_params.seed")  # what `run --seeds` sets (harness.groups.SEED_KEYS)
 
 
 @dataclass
@@ -124,10 +124,6 @@ def find_runs(results_dir: Path) -> list[Path]:
     if not results_dir.is_dir():
         return []
     return sorted(p.parent for p in results_dir.rglob("config.yaml"))
-
-
-def is_group(folder: Path) -> bool:
-    return (folder / GROUP_FILE).is_file()
 
 
 def group_members(group_dir: Path) -> list[Path]:

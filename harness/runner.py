@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from config import ExperimentConfig, OutputParams, dump_config, load_config
+from config import HELD_OUT_PROTOCOLS, ExperimentConfig, OutputParams, dump_config, load_config
 from harness import distributed, protocols, results
 from harness.batching import check_batching
 from harness.data import SPLITS, FeatureStore, data_width, find_sessions, fingerprint, open_feature_stores, read_trials
@@ -406,7 +406,7 @@ def run(config_path: str | None, overrides: list[str], out: str | None, resume: 
 def needed_splits(config: ExperimentConfig) -> list[str]:
     """The splits a run reads: train, val (it picks the checkpoint) and the decoded ones; every split
     under cross_session (the held-out sessions' labelled trials, whatever their split)."""
-    if config.evaluation.protocol in ("cross_session", "recalibration"):
+    if config.evaluation.protocol in HELD_OUT_PROTOCOLS:
         return list(SPLITS)
     needed = {"train", "val", *config.evaluation.splits}
     return [s for s in SPLITS if s in needed]
@@ -522,7 +522,7 @@ def evaluate(checkpoint: str, data_dir: str, split: str, out: str | None, kaggle
             with distributed.main_first():  # rank 0 fills shared caches first
                 model = build_model(config, known, {}, device, width)  # day layers: the checkpoint's sessions
             load_weights(model, payload["model"], path)
-            if config.evaluation.protocol in ("cross_session", "recalibration"):
+            if config.evaluation.protocol in HELD_OUT_PROTOCOLS:
                 # held-out sessions' day layers, as the run decoded them (the checkpoint holds them untrained)
                 trained_on = copy.deepcopy(config)
                 trained_on.data_params.sessions = known
